@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then train linear vs mpi routers on the embedded corpus and compare (~5 min, 2 CPU cores)
+#   make test   set up, then run the test suite
+# Set-up: a virtualenv in .venv that can see a torch you already have; torch==2.13.0 is
+# installed only when no torch is importable (an unpinned torch would pull a multi-GB CUDA build).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mpirouter-installed
+# glibc: keep big buffers mapped between steps (shared/PERF_NOTES.md); the CLI sets it itself too.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/mpirouter demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/mpirouter bench
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

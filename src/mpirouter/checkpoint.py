@@ -1,0 +1,136 @@
+"""Atomic checkpoints: safetensors weights + optimizer/RNG state + config, and loading them back.
+
+Layout of a run folder:
+    run/config.json                    the run's full config
+    run/metrics.jsonl                  one JSON record per log/eval event
+    run/checkpoints/step_0000100/      model.safetensors, train_state.pt, config.json
+    run/checkpoints/latest             name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary folder, flushed to disk and then renamed into
+place; `latest` is replaced atomically afterwards. A crash at any point leaves the previous
+checkpoint and `latest` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+WEIGHTS = "model.safetensors"
+STATE = "train_state.pt"
+CONFIG = "config.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that readers see either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict for safetensors: contiguous CPU tensors, tied (shared) weights stored once."""
+    out, seen = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            continue  # tied weight: reloading re-ties it
+        if key is not None:
+            seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    config: dict,
+    train_state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoints/step_XXXXXXX atomically and point `latest` at it; keep the newest `keep`."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(model_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+    if train_state is not None:
+        torch.save(train_state, tmp / STATE)
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    atomic_write_text(ckpt_root / LATEST, name)
+    if keep > 0:
+        old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a run folder, or a checkpoints/ folder."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = root / LATEST
+        if latest.is_file():
+            ckpt = root / latest.read_text().strip()
+            if (ckpt / WEIGHTS).is_file():
+                return ckpt
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+    raise FileNotFoundError(f"no checkpoint found at {str(path)!r} (expected {WEIGHTS} or checkpoints/{LATEST})")
+
+
+def load_checkpoint(path: str | Path, with_state: bool = True) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+    """Return (config dict, model tensors, train state or None) of a checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    config = json.loads((ckpt / CONFIG).read_text())
+    tensors = load_file(str(ckpt / WEIGHTS))
+    state = None
+    if with_state and (ckpt / STATE).is_file():
+        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
+    return config, tensors, state
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load safetensors weights; tied weights absent from the file are fine, anything else missing is an error."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    shared = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in shared]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")

@@ -1,0 +1,443 @@
+"""Training loop: AdamW, warmup + cosine/WSD, clipping, accumulation, eval, checkpoints, exact resume.
+
+    mpirouter train --preset tiny --router mpi --steps 500 --out runs/tiny-mpi
+
+`train(cfg)` is the whole job; the CLI only builds a `TrainConfig`. Batches are a pure
+function of (seed, step) (see `data.get_batch`), so a resumed run sees exactly the batches it
+would have seen, and two runs with the same seed but different routers see the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import from_dict, to_dict
+from .data import ByteTokenizer, DataConfig, HFTokenizer, TokenData, Tokenizer, get_batch, iter_eval_batches, prepare_data
+from .model import ModelConfig, MoELM, preset_config
+from .moe import max_violation
+from .metrics import MetricsWriter
+
+Precision = Literal["auto", "fp32", "bf16"]
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (AdamW here; issue 4 adds Muon and Hyperball)."""
+
+    name: Literal["adamw"] = "adamw"
+    """Optimizer name."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices and embeddings (norm gains never decay)."""
+    router_weight_decay: float | None = None
+    """Weight decay of the router rows R (None: same as weight_decay)."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then cosine / WSD / constant."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine decay to min_lr_ratio; wsd = warmup-stable-decay (linear decay over the last decay_fraction)."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to the peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    decay_fraction: float = 0.2
+    """WSD only: share of the steps spent decaying."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=lambda: preset_config("tiny"))
+    """Architecture (vocab_size is taken from the tokenizer)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and tokenizer."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    preset: str = "tiny"
+    """Name of the model preset the model config came from (recorded only)."""
+    steps: int = 500
+    """Optimizer steps in total."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int | None = None
+    """Training sequence length (default: model.max_seq_len)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    seed: int = 0
+    """Seeds the initial weights and the data order."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    precision: Precision = "auto"
+    """auto: bf16 autocast on GPU, float32 on CPU."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    eval_every: int = 100
+    """Validate every this many steps (and at the end); 0 = only at the end."""
+    eval_batches: int | None = None
+    """Cap on validation batches for periodic evals (None: whole set); the final eval always uses the whole set."""
+    eval_batch_size: int = 32
+    """Sequences per validation batch."""
+    log_every: int = 10
+    """Write a training record every this many steps."""
+    ckpt_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    ckpt_keep: int = 2
+    """How many checkpoints to keep."""
+    out_dir: str = "runs/default"
+    """Run folder: config, metrics.jsonl, checkpoints."""
+    tensorboard: bool = False
+    """Also write TensorBoard events (if tensorboard is installed)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and not 1 <= self.seq_len <= self.model.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len} must be in [1, model.max_seq_len={self.model.max_seq_len}]")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    @property
+    def context(self) -> int:
+        return self.seq_len or self.model.max_seq_len
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stopped without touching the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run returns."""
+
+    run_dir: Path
+    step: int
+    final_eval: dict | None
+    history: list[dict]
+    step_time_median_s: float
+    tokens_per_s: float
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def lr_multiplier(step: int, total_steps: int, sched: ScheduleConfig) -> float:
+    """Learning-rate multiplier in [0, 1] for optimizer step `step` (0-based)."""
+    if sched.warmup_steps > 0 and step < sched.warmup_steps:
+        return (step + 1) / sched.warmup_steps
+    if sched.kind == "constant":
+        return 1.0
+    lo = sched.min_lr_ratio
+    if sched.kind == "cosine":
+        span = max(1, total_steps - sched.warmup_steps)
+        t = min(1.0, (step - sched.warmup_steps) / span)
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
+    decay_steps = max(1, int(round(sched.decay_fraction * total_steps)))
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - lo) * min(1.0, (step - decay_start + 1) / decay_steps)
+
+
+def param_groups(model: MoELM, optim: OptimConfig) -> list[dict]:
+    """AdamW parameter groups; asserts every trainable parameter lands in exactly one group.
+
+    matrices (attention, experts, dense FFNs) and embeddings/head: weight_decay;
+    router rows: router_weight_decay; RMSNorm gains: no decay.
+    """
+    router_wd = optim.weight_decay if optim.router_weight_decay is None else optim.router_weight_decay
+    groups = {"matrices": [], "embeddings": [], "router": [], "norms": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("router.weight"):
+            groups["router"].append(p)
+        elif p.dim() < 2:
+            groups["norms"].append(p)
+        elif name.startswith(("tok_emb.", "head.")):
+            groups["embeddings"].append(p)
+        else:
+            groups["matrices"].append(p)
+    wd = {"matrices": optim.weight_decay, "embeddings": optim.weight_decay, "router": router_wd, "norms": 0.0}
+    grouped = [p for ps in groups.values() for p in ps]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(trainable), "a parameter is in no group or in two"
+    return [{"name": k, "params": ps, "weight_decay": wd[k]} for k, ps in groups.items() if ps]
+
+
+def build_optimizer(model: MoELM, optim: OptimConfig) -> torch.optim.Optimizer:
+    if optim.name != "adamw":
+        raise ValueError(f"unknown optimizer {optim.name!r}; available: adamw")
+    return torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU for 'auto'/'bf16'; None (float32) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MoELM:
+    cfg.model.vocab_size = vocab_size
+    torch.manual_seed(cfg.seed)
+    return MoELM(cfg.model).to(device)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: MoELM, val_ids: torch.Tensor, cfg: TrainConfig, device: torch.device, max_batches: int | None = None) -> dict:
+    """Validation loss/perplexity, MaxVio per layer over the whole set, alignment per layer."""
+    was_training = model.training
+    model.eval()
+    amp = autocast_dtype(cfg.precision, device)
+    total_loss, total_tokens = 0.0, 0
+    loads = None
+    for x, y in iter_eval_batches(val_ids, cfg.eval_batch_size, cfg.context, max_batches):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x, y)
+        total_loss += out.lm_loss.item() * y.numel()
+        total_tokens += y.numel()
+        counts = torch.stack([s.tokens_per_expert_E for s in out.moe_stats])
+        loads = counts if loads is None else loads + counts
+    model.train(was_training)
+    val_loss = total_loss / max(1, total_tokens)
+    maxvio_L = [max_violation(l).item() for l in loads] if loads is not None else []
+    result = {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)),
+        "val_tokens": total_tokens,
+        "maxvio_layers": maxvio_L,
+        "maxvio": statistics.fmean(maxvio_L) if maxvio_L else 0.0,
+        "maxvio_max": max(maxvio_L) if maxvio_L else 0.0,
+    }
+    result.update(alignment_summary(model))
+    return result
+
+
+@torch.no_grad()
+def alignment_summary(model: MoELM) -> dict:
+    """Mean |cos| of φ and of raw R with the experts' top singular directions, per layer and overall."""
+    phi, raw = [], []
+    for moe in model.moe_layers():
+        a = moe.alignment()
+        phi.append(a["phi"].mean().item())
+        raw.append(a["raw"].mean().item())
+    return {
+        "align_layers": phi,
+        "align": statistics.fmean(phi) if phi else 0.0,
+        "align_raw_layers": raw,
+        "align_raw": statistics.fmean(raw) if raw else 0.0,
+    }
+
+
+def router_cost_ms(model: MoELM, reps: int = 10) -> float:
+    """Median ms of computing every layer's router rows φ forward + backward (the MPI overhead).
+
+    Independent of the token count: it streams the expert gate weights and writes their gradient.
+    """
+    moes = model.moe_layers()
+    params = [p for m in moes for p in (m.router.weight, m.w_gate, m.w_up)]
+    times = []
+    for i in range(reps + 2):
+        sync(params[0].device)
+        t0 = time.perf_counter()
+        loss = sum(m.router.rows(m.w_gate, m.w_up).sum() for m in moes)
+        if loss.requires_grad:
+            torch.autograd.grad(loss, [p for p in params if p.requires_grad], allow_unused=True)
+        sync(params[0].device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _train_state(optimizer, step: int, history_len: int) -> dict:
+    return {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history_len": history_len,
+    }
+
+
+def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+    """Run (or resume) a training job; returns when `cfg.steps` (or `stop_at`) steps are done.
+
+    resume=True continues from the newest checkpoint in `cfg.out_dir` using that run's saved
+    config, so the continuation is exactly the uninterrupted run. `stop_at` ends this call after
+    that many steps (a checkpoint is written there), as if the job were preempted.
+    """
+    run_dir = Path(cfg.out_dir)
+    state = None
+    if resume:
+        saved, tensors, state = ckpt.load_checkpoint(run_dir)
+        cfg = from_dict(TrainConfig, saved)
+        if state is None:
+            raise ValueError(f"checkpoint in {run_dir} has no training state; cannot resume")
+    device = resolve_device(cfg.device)
+    data = data or prepare_data(cfg.data, cfg.context)
+    model = build_model(cfg, data.tokenizer.vocab_size, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    start_step = 0
+    if state is not None:
+        ckpt.load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start_step = state["step"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = to_dict(cfg)
+    ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
+    if getattr(data.tokenizer, "path", None):  # keep a trained/loaded tokenizer with the run for `sample`
+        shutil.copyfile(data.tokenizer.path, run_dir / TOKENIZER_FILE)
+    metrics = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, truncate_after_step=start_step if resume else None, fresh=not resume)
+    if not resume:
+        counts = model.num_params()
+        metrics.write({"event": "start", "step": 0, "params_total": counts["total"], "params_active": counts["active"],
+                       "corpus": data.corpus.name, "corpus_sha256": data.corpus.sha256, "tokenizer": data.tokenizer.name,
+                       "train_tokens": int(data.train_ids.numel()), "val_tokens": int(data.val_ids.numel()),
+                       "device": str(device), "torch": torch.__version__})
+    fwd_model = torch.compile(model) if cfg.compile else model
+    amp = autocast_dtype(cfg.precision, device)
+    end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    step_times: list[float] = []
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context
+    final_eval = None
+    bar = _progress(cfg, start_step)
+    model.train()
+    for step in range(start_step, end_step):
+        lr = cfg.optim.lr * lr_multiplier(step, cfg.steps, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sync(device)
+        t0 = time.perf_counter()
+        loss_sum = lm_sum = aux_sum = 0.0
+        vio = []
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(data.train_ids, cfg.batch_size, cfg.context, cfg.seed, step * cfg.grad_accum + micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = fwd_model(x, y)
+            loss = out.loss / cfg.grad_accum
+            if not torch.isfinite(out.loss):
+                last = ckpt.resolve_checkpoint(run_dir) if (run_dir / "checkpoints" / ckpt.LATEST).exists() else None
+                raise NonFiniteLossError(
+                    f"loss became {out.loss.item()} at step {step}; stopping. "
+                    + (f"Last good checkpoint (untouched): {last}" if last else "No checkpoint was written yet.")
+                )
+            loss.backward()
+            loss_sum += out.loss.item()
+            lm_sum += out.lm_loss.item()
+            aux_sum += out.aux_loss.item()
+            vio.append(statistics.fmean(s.max_vio.item() for s in out.moe_stats) if out.moe_stats else 0.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"gradient norm became {grad_norm.item()} at step {step}; stopping before the update.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.post_step()
+        sync(device)
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{lm_sum / cfg.grad_accum:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            metrics.write({"event": "train", "step": done, "loss": loss_sum / cfg.grad_accum, "lm_loss": lm_sum / cfg.grad_accum,
+                           "aux_loss": aux_sum / cfg.grad_accum, "maxvio_batch": statistics.fmean(vio), "lr": lr,
+                           "grad_norm": grad_norm.item(), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                           "tokens": done * tokens_per_step})
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            final_eval = evaluate(model, data.val_ids, cfg, device, None if done == cfg.steps else cfg.eval_batches)
+            metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
+            if bar is not None:
+                bar.set_postfix(loss=f"{lm_sum / cfg.grad_accum:.3f}", val=f"{final_eval['val_loss']:.3f}")
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end_step:
+            ckpt.save_checkpoint(run_dir, done, model, config_dict, _train_state(optimizer, done, 0), keep=cfg.ckpt_keep)
+    if bar is not None:
+        bar.close()
+    med = statistics.median(step_times) if step_times else float("nan")
+    if end_step == cfg.steps and step_times:
+        metrics.write({"event": "timing", "step": end_step, "step_time_median_s": med, "tokens_per_s": tokens_per_step / med,
+                       "router_ms": router_cost_ms(model), "step_ms": 1000 * med})
+    metrics.close()
+    return TrainResult(run_dir, end_step, final_eval, metrics.read(), med, tokens_per_step / med if step_times else 0.0)
+
+
+def _progress(cfg: TrainConfig, start: int):
+    if not cfg.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.steps, initial=start, desc=f"{cfg.model.moe.router.kind}", dynamic_ncols=True, leave=True)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MoELM, TrainConfig]:
+    """A model and its TrainConfig from a checkpoint (a run folder or a checkpoint folder)."""
+    saved, tensors, _ = ckpt.load_checkpoint(path, with_state=False)
+    cfg = from_dict(TrainConfig, saved)
+    model = MoELM(cfg.model)
+    ckpt.load_model_tensors(model, tensors)
+    return model.to(device).eval(), cfg
+
+
+def run_tokenizer(path: str | Path, cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer a run was trained with: its saved tokenizer.json, else bytes."""
+    ckpt_dir = ckpt.resolve_checkpoint(path)
+    for folder in (Path(path), ckpt_dir, ckpt_dir.parent.parent):
+        if (folder / TOKENIZER_FILE).is_file():
+            return HFTokenizer(folder / TOKENIZER_FILE)
+    if cfg.data.tokenizer != "byte":
+        raise FileNotFoundError(f"run at {path} used tokenizer {cfg.data.tokenizer!r} but has no {TOKENIZER_FILE}")
+    return ByteTokenizer()
