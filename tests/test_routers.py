@@ -215,3 +215,13 @@ def test_mpi_router_needs_gate_weights():
     router = Router(8, 4, RouterConfig(kind="mpi"))
     with pytest.raises(ValueError, match="needs the expert gate weights"):
         router(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("kind", ROUTER_KINDS)
+def test_router_stays_float32_under_bf16_autocast(kind):
+    router, wg, wu = _router_and_weights(kind)
+    x = torch.randn(6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router(x.bfloat16(), wg.bfloat16(), wu.bfloat16())
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, router(x.bfloat16().float(), wg.bfloat16().float(), wu.bfloat16().float()))

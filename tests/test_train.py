@@ -175,3 +175,17 @@ def test_unknown_optimizer_and_bad_train_config_fail_clearly(tmp_path, data):
         cfg_for(tmp_path, seq_len=64)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         cfg_for(tmp_path, batch_size=0)
+
+
+def test_bf16_autocast_runs_experts_in_bf16_and_trains(tmp_path, data):
+    from mpirouter.moe import grouped_linear
+
+    x, w = torch.randn(8, 16), torch.randn(2, 4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_linear(x, w, torch.tensor([3, 5]), "loop")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32
+    result = train(cfg_for(tmp_path, steps=20, precision="bf16", eval_every=0), data=data)
+    losses = curve(result, "lm_loss")
+    assert losses[-1] < losses[0] - 0.5

@@ -205,6 +205,11 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tens
     grouped_mm on CUDA when torch has it, else the loop. grouped_mm needs row sizes that are
     multiples of 16 bytes; other shapes fall back to the loop.
     """
+    dev = x_MI.device.type
+    if torch.is_autocast_enabled(dev):
+        # custom Functions and _grouped_mm are not on autocast's op lists: cast like F.linear would
+        dt = torch.get_autocast_dtype(dev)
+        x_MI, w_EOI = x_MI.to(dt), w_EOI.to(dt)
     if impl == "auto":
         impl = "grouped_mm" if (x_MI.is_cuda and _grouped_mm_available()) else "loop"
     if impl == "grouped_mm":

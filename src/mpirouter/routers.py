@@ -214,10 +214,10 @@ class Router(nn.Module):
         self, x_TD: torch.Tensor, w_gate_EFD: torch.Tensor | None = None, w_up_EFD: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Router logits (T, E) in float32."""
-        phi_ED = self.rows(w_gate_EFD, w_up_EFD)
-        # float32 logits even under bf16 autocast: top-k choices are sensitive to rounding.
+        # float32 rows and logits even under bf16 autocast: the power step and the top-k choice are
+        # sensitive to rounding, and this matmul is small.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), phi_ED)
+            return F.linear(x_TD.float(), self.rows(w_gate_EFD, w_up_EFD))
 
     @torch.no_grad()
     def inplace_update(self, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor | None = None) -> None:
