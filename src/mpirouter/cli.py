@@ -1,4 +1,4 @@
-"""The `mpirouter` command line: train, sample, export, inspect, bench, demo.
+"""The `mpirouter` command line: train, sample, export, inspect, bench, demo, compare.
 
     mpirouter train --preset tiny --router mpi --steps 500 --out runs/tiny-mpi
     mpirouter sample runs/tiny-mpi --prompt "ROMEO." --tokens 200
@@ -6,6 +6,7 @@
     mpirouter inspect runs/tiny-mpi
     mpirouter bench
     mpirouter demo
+    mpirouter compare --routers linear,mpi --seeds 0,1,2 --out runs/compare
 
 Flags map onto the config dataclasses in `train.py`; any field is reachable with
 `--set section.field=value` (e.g. `--set model.moe.top_k=4 --set schedule.kind=wsd`).
@@ -131,6 +132,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import cli_main
+
+    return cli_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .model import PRESETS
     from .routers import POWER_TARGETS, ROUTER_KINDS
@@ -194,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--preset", default="tiny", choices=list(PRESETS))
     d.set_defaults(func=cmd_demo)
+
+    from .compare import add_arguments as compare_arguments
+
+    c = sub.add_parser("compare", help="matched grid: routers x seeds (x optimizers x C'), report.md + plots")
+    compare_arguments(c)
+    c.set_defaults(func=cmd_compare)
     return p
 
 

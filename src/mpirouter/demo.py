@@ -72,6 +72,8 @@ def format_table(rows: list[dict]) -> str:
 
 def machine_info() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    commit += "+dirty" if commit and dirty else ""  # numbers from uncommitted code must say so
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit or "unknown",
             "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
             "python": platform.python_version(), "torch": torch.__version__}

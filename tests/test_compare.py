@@ -1,0 +1,235 @@
+"""`mpirouter compare`: matched grid, resume of a half-finished grid, complete report, report-only rebuild."""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpirouter.compare import (
+    CompareConfig,
+    RunRecord,
+    _flatten,
+    add_arguments,
+    check_config,
+    cli_main,
+    command_line,
+    config_from_args,
+    format_rows,
+    grid_runs,
+    run_grid,
+    run_status,
+    summarize_section,
+)
+from mpirouter.config import to_dict
+from mpirouter.data import DataConfig, prepare_data
+from mpirouter.metrics import read_metrics
+from mpirouter.train import build_model, train
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data():
+    full = prepare_data(DataConfig(), seq_len=32)
+    return dataclasses.replace(full, train_ids=full.train_ids[:200_000], val_ids=full.val_ids[:4096])
+
+
+def small_cfg(out, **kw) -> CompareConfig:
+    base = dict(routers=["linear", "mpi"], seeds=[0, 1], preset="debug", steps=STEPS, batch_size=8, lr=1e-2,
+                eval_every=4, eval_batches=2, ckpt_every=2, out_dir=str(out), progress=False,
+                overrides=["model.max_seq_len=32", "eval_batch_size=16", "log_every=2"])
+    base.update(kw)
+    return CompareConfig(**base)
+
+
+def snapshot(run_dir: Path) -> tuple[int, str]:
+    path = run_dir / "metrics.jsonl"
+    return path.stat().st_mtime_ns, path.read_text()
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, data):
+    """A 2-router x 2-seed grid trained in three calls: one run, an interrupted run, then the rest."""
+    out = tmp_path_factory.mktemp("compare") / "grid"
+    cfg = small_cfg(out)
+    runs = grid_runs(cfg)
+    run_grid(cfg, data=data, limit=1)
+    assert [run_status(r.run_dir, STEPS)[0] for r in runs] == ["done", "new", "new", "new"]
+    train(runs[1].config, data=data, stop_at=3)  # "preempted" at step 3 (checkpoint written there)
+    assert run_status(runs[1].run_dir, STEPS) == ("partial", 3)
+    # tag the interrupted call's records: a resumed run keeps them, a run restarted from scratch would not
+    tagged = [{**r, "from_first_call": True} for r in read_metrics(runs[1].run_dir)]
+    (runs[1].run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tagged))
+    before = {"first": snapshot(runs[0].run_dir)}
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        report = run_grid(cfg, data=data)
+    return dict(cfg=cfg, out=out, runs=runs, before=before, log=log.getvalue(), report=report)
+
+
+def test_finished_run_is_skipped_not_retrained(grid):
+    first = grid["runs"][0]
+    assert snapshot(first.run_dir) == grid["before"]["first"]
+    assert "run 1/4: linear seed 0 [adamw]: done, skipped" in grid["log"]
+
+
+def test_half_finished_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(grid, data, tmp_path):
+    run = grid["runs"][1]
+    assert "run 2/4: mpi C'=1 seed 0 [adamw]: resuming from step 3" in grid["log"]
+    records = read_metrics(run.run_dir)
+    assert [r["event"] for r in records].count("start") == 1
+    train_steps = [r["step"] for r in records if r["event"] == "train"]
+    assert train_steps == list(range(2, STEPS + 1, 2))
+    assert [r["step"] for r in records if r.get("from_first_call")] == [0, 2]  # start + step 2 kept, not redone
+    fresh = train(dataclasses.replace(run.config, out_dir=str(tmp_path / "fresh")), data=data)
+    resumed_evals = [(r["step"], r["val_loss"]) for r in records if r["event"] == "eval"]
+    assert resumed_evals == [(r["step"], r["val_loss"]) for r in fresh.history if r["event"] == "eval"]
+
+
+def test_every_run_finished_with_a_timing_record(grid):
+    for run in grid["runs"]:
+        assert run_status(run.run_dir, STEPS) == ("done", STEPS)
+        assert read_metrics(run.run_dir)[-1]["event"] == "timing"
+
+
+def test_report_is_complete(grid):
+    text = grid["report"].read_text()
+    for needle in ("| linear | 2 |", "| mpi C'=1 | 2 |", "baseline", "(n=2)", "mpirouter compare --routers linear,mpi --seeds 0,1",
+                   "commit ", "cores", f"torch {torch.__version__}", "UTC", "router overhead", "speed-up"):
+        assert needle in text, needle
+    assert "incomplete" not in text
+    assert "trained 1 run(s)" in text and "trained 3 run(s)" in text  # one line per call that trained something
+    pngs = [line[line.index("(") + 1:-1] for line in text.splitlines() if line.startswith("![")]
+    assert sorted(pngs) == sorted(f"debug-adamw-{k}.png" for k in ("val_loss", "maxvio", "align", "align_layers"))
+    for name in pngs:
+        assert (grid["out"] / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((grid["out"] / "report.json").read_text())["sections"][0]["rows"]
+    assert [(r["label"], r["seeds"]) for r in rows] == [("linear", [0, 1]), ("mpi C'=1", [0, 1])]
+    mpi = rows[1]
+    assert mpi["diff_n"] == 2 and mpi["diff"][1] <= mpi["diff"][0] <= mpi["diff"][2]
+    assert mpi["align"][0] > rows[0]["align"][0]  # MPI rows are aligned by construction
+    assert 0 < mpi["overhead"] < 1 and mpi["step_vs_linear"] > 0
+
+
+def test_report_only_rebuilds_the_report_without_training(grid):
+    out = grid["out"]
+    for f in [out / "report.md", *out.glob("*.png")]:
+        f.unlink()
+    stamps = [snapshot(r.run_dir) for r in grid["runs"]]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert cli_main(parser.parse_args(["--out", str(out), "--report-only"])) == 0
+    assert "| mpi C'=1 | 2 |" in (out / "report.md").read_text()
+    assert len(list(out.glob("*.png"))) == 4
+    assert [snapshot(r.run_dir) for r in grid["runs"]] == stamps
+
+
+def test_report_lists_an_unfinished_run_and_leaves_it_out_of_the_table(grid, data, tmp_path):
+    cfg = small_cfg(tmp_path / "g", routers=["linear"], seeds=[0], steps=4, eval_every=2)
+    train(grid_runs(cfg)[0].config, data=data, stop_at=2)
+    report = cli_main(argparse.Namespace(report_only=True, out=str(tmp_path / "g")))
+    text = (tmp_path / "g" / "report.md").read_text()
+    assert report == 0 and "incomplete runs" in text and "linear/seed0" in text and "No finished runs yet." in text
+
+
+def test_matched_runs_share_initial_weights_and_differ_only_in_the_router(tmp_path):
+    cfg = small_cfg(tmp_path, routers=["linear", "mpi", "retract", "mpi-inplace"], seeds=[0, 1])
+    runs = grid_runs(cfg)
+    flat = lambda c: _flatten(json.loads(json.dumps(to_dict(c))))
+    base = flat(runs[0].config)
+    for run in runs[1:4]:  # seed 0
+        diff = {k for k, v in flat(run.config).items() if base[k] != v}
+        assert diff <= {"model.moe.router.kind", "model.moe.router.scale_prime", "out_dir"}, diff
+    models = [build_model(r.config, 256, torch.device("cpu")).state_dict() for r in runs]
+    for name, ref in models[0].items():
+        for run, sd in zip(runs[1:4], models[1:4]):
+            if name.endswith("router.weight") and run.router == "mpi-inplace":
+                continue  # projected once at init by design
+            assert torch.equal(sd[name], ref), (run.router, name)
+    assert not torch.equal(models[4]["tok_emb.weight"], models[0]["tok_emb.weight"])  # seed 1 differs
+
+
+def test_grid_layout_and_routers_that_ignore_the_scale_run_once(tmp_path):
+    cfg = small_cfg(tmp_path, routers=["linear", "mpi", "power", "retract"], seeds=[3], scales=[0.5, 2.0])
+    runs = grid_runs(cfg)
+    names = [str(r.run_dir.relative_to(tmp_path)) for r in runs]
+    assert names == ["debug/adamw/linear/seed3", "debug/adamw/mpi-C0.5/seed3", "debug/adamw/mpi-C2/seed3",
+                     "debug/adamw/power/seed3", "debug/adamw/retract-C0.5/seed3", "debug/adamw/retract-C2/seed3"]
+    assert [r.config.model.moe.router.scale_prime for r in runs if r.router == "mpi"] == [0.5, 2.0]
+    assert all(r.config.seed == 3 and r.config.model.max_seq_len == 32 and r.config.ckpt_every == 2 for r in runs)
+
+
+BAD = [("override-sets-seed", dict(overrides=["seed=3"])), ("override-sets-router", dict(overrides=["model.moe.router.kind=mpi"])),
+       ("unknown-router", dict(routers=["linear", "nope"])), ("duplicate-seed", dict(seeds=[0, 0])), ("no-seeds", dict(seeds=[]))]
+
+
+@pytest.mark.parametrize("kw", [b[1] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_grid_configs_are_refused(tmp_path, kw):
+    with pytest.raises(ValueError):
+        small_cfg(tmp_path, **kw)
+
+
+def test_unknown_optimizer_name_is_refused_by_the_trainer_config(tmp_path):
+    with pytest.raises(ValueError, match="not-an-optimizer"):
+        grid_runs(small_cfg(tmp_path, optimizers=["not-an-optimizer"]))
+
+
+def test_reusing_a_folder_trained_with_another_config_is_refused(tmp_path):
+    run = grid_runs(small_cfg(tmp_path))[0]
+    run.run_dir.mkdir(parents=True)
+    saved = to_dict(run.config)
+    (run.run_dir / "config.json").write_text(json.dumps(saved))
+    check_config(run)  # same config: fine
+    lazy = dataclasses.replace(run, config=dataclasses.replace(run.config, optim=dataclasses.replace(run.config.optim, lr=None)))
+    check_config(lazy)  # None (a default the trainer resolves) accepts the value the run actually used
+    saved["steps"] = 99
+    (run.run_dir / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="steps: 99 -> 8"):
+        check_config(run)
+
+
+def test_command_line_round_trips_through_the_parser(tmp_path):
+    cfg = small_cfg(tmp_path / "out dir", scales=[0.5, 1.0], warmup_steps=3, eval_batches=None, lr=None)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = shlex.split(command_line(cfg))
+    assert argv[:2] == ["mpirouter", "compare"]
+    assert config_from_args(parser.parse_args(argv[2:])) == cfg
+
+
+# ----------------------------------------------------------------------------- the table's numbers, by hand
+
+
+def fake_run(router, seed, curve, step_ms, router_ms, scale=1.0):
+    """A finished run record: evals at 100 and 200 tokens with the given validation losses."""
+    evals = [{"event": "eval", "step": 4 * (i + 1), "tokens": 100 * (i + 1), "val_loss": v, "maxvio": 0.1, "align": 0.5,
+              "align_raw": 0.4, "align_layers": [0.4, 0.6], "align_raw_layers": [0.3, 0.5]} for i, v in enumerate(curve)]
+    config = {"seed": seed, "steps": 8, "model": {"moe": {"router": {"kind": router, "scale_prime": scale}}}}
+    return RunRecord(Path(f"{router}/seed{seed}"), config, [*evals, {"event": "timing", "step": 8, "step_ms": step_ms, "router_ms": router_ms}])
+
+
+def test_summary_numbers_by_hand():
+    runs = [fake_run("linear", 0, [4.0, 3.0], 10.0, 0.1), fake_run("linear", 1, [4.2, 3.2], 10.0, 0.1),
+            fake_run("mpi", 0, [3.0, 2.9], 11.0, 0.5), fake_run("mpi", 1, [3.4, 3.0], 11.0, 0.5),
+            fake_run("retract", 0, [3.6, 3.5], 10.0, 0.2)]
+    rows = {r["label"]: r for r in summarize_section(runs)}
+    assert list(rows) == ["linear", "mpi C'=1", "retract C'=1"]
+    lin, mpi, ret = rows["linear"], rows["mpi C'=1"], rows["retract C'=1"]
+    assert lin["diff"] is None and lin["tokens_to_target"] == pytest.approx(200) and lin["speedup"] == pytest.approx(1.0)
+    # diffs -0.1, -0.2: mean -0.15, sd 0.0707, n=2 -> ± 12.706 * 0.0707 / sqrt(2)
+    half = 12.706204736 * math.sqrt(0.005) / math.sqrt(2)
+    assert mpi["diff"] == (pytest.approx(-0.15), pytest.approx(-0.15 - half), pytest.approx(-0.15 + half))
+    # target = linear's final mean 3.1; mpi's mean curve (3.2, 2.95) crosses it at 100 + 0.1/0.25 * 100 = 140 tokens
+    assert mpi["tokens_to_target"] == pytest.approx(140) and mpi["speedup"] == pytest.approx(200 / 140)
+    assert mpi["overhead"] == pytest.approx(0.5 / 11) and mpi["step_vs_linear"] == pytest.approx(1.1)
+    assert ret["tokens_to_target"] is None and ret["speedup"] is None and ret["diff_n"] == 1 and math.isnan(ret["diff"][1])
+    table = format_rows(list(rows.values()))
+    assert "-0.1500 [" in table and "1.429×" in table and "4.55%" in table
+    assert "not reached / 0.2k" in table and "(n=1, no CI)" in table
