@@ -101,3 +101,13 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
 def test_console_script_runs_in_a_subprocess():
     r = subprocess.run([sys.executable, "-m", "mpirouter.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "train" in r.stdout and "export" in r.stdout
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "muonh"])
+def test_train_with_another_optimizer_records_its_default_lr(tmp_path, optimizer):
+    from mpirouter.optim import DEFAULT_LR
+
+    out = tmp_path / optimizer
+    assert main(["train", *FAST, "--optimizer", optimizer, "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["optim"]["name"] == optimizer and cfg["optim"]["lr"] == DEFAULT_LR[optimizer]

@@ -49,7 +49,7 @@ def _train_config(args) -> "TrainConfig":
             model=model,
             preset=args.preset,
             data=DataConfig(path=args.data, tokenizer=args.tokenizer),
-            optim=OptimConfig(lr=args.lr),
+            optim=OptimConfig(name=args.optimizer, lr=args.lr),
             steps=args.steps,
             batch_size=args.batch_size,
             seed=args.seed,
@@ -140,6 +140,7 @@ def cmd_compare(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .model import PRESETS
+    from .optim import OPTIMIZERS
     from .routers import POWER_TARGETS, ROUTER_KINDS
 
     p = argparse.ArgumentParser(prog="mpirouter", description="MoE routers that follow their experts (MPI).")
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", default="byte", help="byte | bpe | path/to/tokenizer.json")
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw | muon | adamh | muonh (Hyperball)")
+    t.add_argument("--lr", type=float, default=None, help="peak lr (default: the optimizer's, mpirouter.optim.DEFAULT_LR)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")

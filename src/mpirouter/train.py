@@ -33,20 +33,70 @@ TOKENIZER_FILE = "tokenizer.json"
 
 @dataclass
 class OptimConfig:
-    """The optimizer (AdamW here; issue 4 adds Muon and Hyperball)."""
+    """The optimizer: AdamW, Muon, AdamH or MuonH (issue 4; details in `mpirouter.optim`).
 
-    name: Literal["adamw"] = "adamw"
-    """Optimizer name."""
-    lr: float = 3e-3
-    """Peak learning rate."""
+    Which parameter gets which update (and the router's treatment) is one rule for all four:
+    `mpirouter.optim.groups`. Embeddings, output head and norm gains are always on AdamW.
+    """
+
+    name: Literal["adamw", "muon", "adamh", "muonh"] = "adamw"
+    """adamw | muon (Muon on hidden matrices, per expert on stacks) | adamh / muonh (Hyperball around Adam / Muon)."""
+    lr: float | None = None
+    """Peak learning rate of the hidden matrices (adamw: of everything); None: mpirouter.optim.DEFAULT_LR[name].
+    For adamh/muonh it is the relative step ‖ΔW‖/‖W‖. build_optimizer writes the resolved value back here."""
+    adam_lr: float | None = None
+    """muon/adamh/muonh: peak lr of the AdamW-side groups (embeddings, head, norm gains; the router if router=adamw).
+    None: DEFAULT_LR["adamw"]. Ignored by adamw."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """Adam betas."""
+    """Adam betas (AdamW, and Adam inside AdamH)."""
     eps: float = 1e-8
     """Adam epsilon."""
     weight_decay: float = 0.1
-    """Decoupled weight decay of matrices and embeddings (norm gains never decay)."""
+    """Decoupled weight decay of matrices and embeddings (norm gains never decay; Hyperball-wrapped matrices
+    have none, the fixed norm replaces it). Muon applies it as W ← (1 − lr·wd) W, like AdamW."""
     router_weight_decay: float | None = None
-    """Weight decay of the router rows R (None: same as weight_decay)."""
+    """Weight decay of the router rows R when not Hyperball-wrapped (None: same as weight_decay)."""
+    router: Literal["matrix", "rows", "adamw"] = "matrix"
+    """Treatment of the router rows R (mpirouter.optim.groups): matrix = like the other hidden matrices
+    (the paper's grouping), rows = each row its own 1×D matrix (per expert), adamw = always AdamW."""
+    momentum: float = 0.95
+    """Muon momentum μ."""
+    nesterov: bool = True
+    """Muon: Nesterov momentum."""
+    ns_steps: int = 5
+    """Muon: Newton-Schulz iterations (coefficients: Keller Jordan's 3.4445, -4.7750, 2.0315)."""
+    muon_lr_scaling: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
+    """Muon's shape-aware lr factor: 0.2·sqrt(max(m, n)) (update RMS of AdamW; reuse AdamW's lr) or
+    sqrt(max(1, m/n)) (Keller Jordan; lr ~0.02). Irrelevant under Hyperball (the update norm is fixed)."""
+    hyperball_radius: Literal["sqrt_fan_out", "init"] = "sqrt_fan_out"
+    """AdamH/MuonH: fixed Frobenius norm of each matrix: sqrt(fan_out) or its norm at initialization."""
+    hyperball_radius_mult: float = 1.0
+    """AdamH/MuonH: multiplier on that radius."""
+    hyperball_update_scale: float = 1.0
+    """AdamH/MuonH: update norm before the lr, as a multiple of the radius (1: lr = relative step)."""
+
+    def __post_init__(self) -> None:
+        from .optim import LR_SCALINGS, OPTIMIZERS, RADIUS_RULES, ROUTER_MODES
+
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; available: {', '.join(OPTIMIZERS)}")
+        for field_name, value, choices in (("router", self.router, ROUTER_MODES), ("muon_lr_scaling", self.muon_lr_scaling, LR_SCALINGS),
+                                           ("hyperball_radius", self.hyperball_radius, RADIUS_RULES)):
+            if value not in choices:
+                raise ValueError(f"optim.{field_name}={value!r} is not one of {', '.join(choices)}")
+        for field_name in ("lr", "adam_lr"):
+            value = getattr(self, field_name)
+            if value is not None and not value > 0:
+                raise ValueError(f"optim.{field_name} must be > 0 (or None for the default), got {value}")
+        if not 0 <= self.momentum < 1 or self.ns_steps < 1 or not self.hyperball_radius_mult > 0 or not self.hyperball_update_scale > 0:
+            raise ValueError("optim: need 0 <= momentum < 1, ns_steps >= 1, hyperball_radius_mult > 0, hyperball_update_scale > 0")
+
+    @property
+    def peak_lr(self) -> float:
+        """The matrices' peak learning rate: lr, or the optimizer's default when lr is None."""
+        from .optim import resolve_lrs
+
+        return resolve_lrs(self)[0]
 
 
 @dataclass
@@ -166,35 +216,25 @@ def lr_multiplier(step: int, total_steps: int, sched: ScheduleConfig) -> float:
 
 
 def param_groups(model: MoELM, optim: OptimConfig) -> list[dict]:
-    """AdamW parameter groups; asserts every trainable parameter lands in exactly one group.
+    """The parameter groups of `optim.name` (the one rule for every optimizer: `mpirouter.optim.groups`).
 
-    matrices (attention, experts, dense FFNs) and embeddings/head: weight_decay;
-    router rows: router_weight_decay; RMSNorm gains: no decay.
+    Asserts every trainable parameter lands in exactly one group. Groups: matrices (attention, dense
+    FFNs, expert stacks), embeddings (token embedding, head), router (rows R), norms (gains, no decay).
     """
-    router_wd = optim.weight_decay if optim.router_weight_decay is None else optim.router_weight_decay
-    groups = {"matrices": [], "embeddings": [], "router": [], "norms": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith("router.weight"):
-            groups["router"].append(p)
-        elif p.dim() < 2:
-            groups["norms"].append(p)
-        elif name.startswith(("tok_emb.", "head.")):
-            groups["embeddings"].append(p)
-        else:
-            groups["matrices"].append(p)
-    wd = {"matrices": optim.weight_decay, "embeddings": optim.weight_decay, "router": router_wd, "norms": 0.0}
-    grouped = [p for ps in groups.values() for p in ps]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert len(grouped) == len({id(p) for p in grouped}) == len(trainable), "a parameter is in no group or in two"
-    return [{"name": k, "params": ps, "weight_decay": wd[k]} for k, ps in groups.items() if ps]
+    from .optim import groups, resolve_lrs
+
+    return groups.param_groups(model, optim, *resolve_lrs(optim))
 
 
-def build_optimizer(model: MoELM, optim: OptimConfig) -> torch.optim.Optimizer:
-    if optim.name != "adamw":
-        raise ValueError(f"unknown optimizer {optim.name!r}; available: adamw")
-    return torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+def build_optimizer(model: MoELM, optim: OptimConfig):
+    """AdamW (a torch.optim.AdamW), Muon, AdamH or MuonH over `model` (see `mpirouter.optim.build_optimizer`).
+
+    Fills in optim.lr / optim.adam_lr when None. The result has `param_groups` whose "lr" the loop
+    sets each step (per-group multipliers are applied inside `step`), `state_dict`, `load_state_dict`.
+    """
+    from .optim import build_optimizer as build
+
+    return build(model, optim)
 
 
 def resolve_device(device: str) -> torch.device:
