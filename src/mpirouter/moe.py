@@ -331,7 +331,9 @@ class MoE(nn.Module):
 def naive_moe_reference(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
     """Per-expert loop in the HF-Mixtral style (index tokens of each expert, run its FFN).
 
-    Used by the tests as a reference and by `mpirouter bench` as the baseline to beat.
+    A test reference on stacked weights; `mpirouter bench` times `bench.NaiveMoE` instead, which
+    holds one nn.Linear per expert like HF transformers 4.x (indexing a stacked Parameter per expert
+    under autograd would make the baseline artificially slow).
     """
     out_TD = torch.zeros_like(x_TD)
     for e in range(w_gate_EFD.shape[0]):
