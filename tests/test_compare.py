@@ -14,18 +14,15 @@ import torch
 
 from mpirouter.compare import (
     CompareConfig,
-    RunRecord,
     _flatten,
     add_arguments,
     check_config,
     cli_main,
     command_line,
     config_from_args,
-    format_rows,
     grid_runs,
     run_grid,
     run_status,
-    summarize_section,
 )
 from mpirouter.config import to_dict
 from mpirouter.data import DataConfig, prepare_data
@@ -42,7 +39,7 @@ def data():
 
 
 def small_cfg(out, **kw) -> CompareConfig:
-    base = dict(routers=["linear", "mpi"], seeds=[0, 1], preset="debug", steps=STEPS, batch_size=8, lr=1e-2,
+    base = dict(routers=["linear", "mpi"], seeds=[0, 1], preset="debug", steps=STEPS, batch_size=8, lrs=[1e-2],
                 eval_every=4, eval_batches=2, ckpt_every=2, out_dir=str(out), progress=False,
                 overrides=["model.max_seq_len=32", "eval_batch_size=16", "log_every=2"])
     base.update(kw)
@@ -77,12 +74,12 @@ def grid(tmp_path_factory, data):
 def test_finished_run_is_skipped_not_retrained(grid):
     first = grid["runs"][0]
     assert snapshot(first.run_dir) == grid["before"]["first"]
-    assert "run 1/4: linear seed 0 [adamw]: done, skipped" in grid["log"]
+    assert "run 1/4: linear seed 0 [adamw lr 0.01]: done, skipped" in grid["log"]
 
 
 def test_half_finished_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(grid, data, tmp_path):
     run = grid["runs"][1]
-    assert "run 2/4: mpi C'=1 seed 0 [adamw]: resuming from step 3" in grid["log"]
+    assert "run 2/4: mpi C'=1 seed 0 [adamw lr 0.01]: resuming from step 3" in grid["log"]
     records = read_metrics(run.run_dir)
     assert [r["event"] for r in records].count("start") == 1
     train_steps = [r["step"] for r in records if r["event"] == "train"]
@@ -160,8 +157,7 @@ def test_grid_layout_and_routers_that_ignore_the_scale_run_once(tmp_path):
     cfg = small_cfg(tmp_path, routers=["linear", "mpi", "power", "retract"], seeds=[3], scales=[0.5, 2.0])
     runs = grid_runs(cfg)
     names = [str(r.run_dir.relative_to(tmp_path)) for r in runs]
-    assert names == ["debug/adamw/linear/seed3", "debug/adamw/mpi-C0.5/seed3", "debug/adamw/mpi-C2/seed3",
-                     "debug/adamw/power/seed3", "debug/adamw/retract-C0.5/seed3", "debug/adamw/retract-C2/seed3"]
+    assert names == [f"debug/adamw-lr0.01/{n}/seed3" for n in ("linear", "mpi-C0.5", "mpi-C2", "power", "retract-C0.5", "retract-C2")]
     assert [r.config.model.moe.router.scale_prime for r in runs if r.router == "mpi"] == [0.5, 2.0]
     assert all(r.config.seed == 3 and r.config.model.max_seq_len == 32 and r.config.ckpt_every == 2 for r in runs)
 
@@ -196,7 +192,7 @@ def test_reusing_a_folder_trained_with_another_config_is_refused(tmp_path):
 
 
 def test_command_line_round_trips_through_the_parser(tmp_path):
-    cfg = small_cfg(tmp_path / "out dir", scales=[0.5, 1.0], warmup_steps=3, eval_batches=None, lr=None)
+    cfg = small_cfg(tmp_path / "out dir", scales=[0.5, 1.0], warmup_steps=3, eval_batches=None, lrs=[])
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     argv = shlex.split(command_line(cfg))
@@ -204,32 +200,23 @@ def test_command_line_round_trips_through_the_parser(tmp_path):
     assert config_from_args(parser.parse_args(argv[2:])) == cfg
 
 
-# ----------------------------------------------------------------------------- the table's numbers, by hand
-
-
-def fake_run(router, seed, curve, step_ms, router_ms, scale=1.0):
-    """A finished run record: evals at 100 and 200 tokens with the given validation losses."""
-    evals = [{"event": "eval", "step": 4 * (i + 1), "tokens": 100 * (i + 1), "val_loss": v, "maxvio": 0.1, "align": 0.5,
-              "align_raw": 0.4, "align_layers": [0.4, 0.6], "align_raw_layers": [0.3, 0.5]} for i, v in enumerate(curve)]
-    config = {"seed": seed, "steps": 8, "model": {"moe": {"router": {"kind": router, "scale_prime": scale}}}}
-    return RunRecord(Path(f"{router}/seed{seed}"), config, [*evals, {"event": "timing", "step": 8, "step_ms": step_ms, "router_ms": router_ms}])
-
-
-def test_summary_numbers_by_hand():
-    runs = [fake_run("linear", 0, [4.0, 3.0], 10.0, 0.1), fake_run("linear", 1, [4.2, 3.2], 10.0, 0.1),
-            fake_run("mpi", 0, [3.0, 2.9], 11.0, 0.5), fake_run("mpi", 1, [3.4, 3.0], 11.0, 0.5),
-            fake_run("retract", 0, [3.6, 3.5], 10.0, 0.2)]
-    rows = {r["label"]: r for r in summarize_section(runs)}
-    assert list(rows) == ["linear", "mpi C'=1", "retract C'=1"]
-    lin, mpi, ret = rows["linear"], rows["mpi C'=1"], rows["retract C'=1"]
-    assert lin["diff"] is None and lin["tokens_to_target"] == pytest.approx(200) and lin["speedup"] == pytest.approx(1.0)
-    # diffs -0.1, -0.2: mean -0.15, sd 0.0707, n=2 -> ± 12.706 * 0.0707 / sqrt(2)
-    half = 12.706204736 * math.sqrt(0.005) / math.sqrt(2)
-    assert mpi["diff"] == (pytest.approx(-0.15), pytest.approx(-0.15 - half), pytest.approx(-0.15 + half))
-    # target = linear's final mean 3.1; mpi's mean curve (3.2, 2.95) crosses it at 100 + 0.1/0.25 * 100 = 140 tokens
-    assert mpi["tokens_to_target"] == pytest.approx(140) and mpi["speedup"] == pytest.approx(200 / 140)
-    assert mpi["overhead"] == pytest.approx(0.5 / 11) and mpi["step_vs_linear"] == pytest.approx(1.1)
-    assert ret["tokens_to_target"] is None and ret["speedup"] is None and ret["diff_n"] == 1 and math.isnan(ret["diff"][1])
-    table = format_rows(list(rows.values()))
-    assert "-0.1500 [" in table and "1.429×" in table and "4.55%" in table
-    assert "not reached / 0.2k" in table and "(n=1, no CI)" in table
+def test_lr_sweep_split_over_two_calls_sharing_one_folder(data, tmp_path):
+    """Two calls with disjoint seeds (as two processes, one per core, would run) fill one folder and one report."""
+    out = tmp_path / "sweep"
+    for seed in (0, 1):
+        run_grid(small_cfg(out, seeds=[seed], lrs=[1e-2, 2e-2], steps=4, eval_every=4), data=data)
+    sessions = sorted((out / "sessions").glob("*.json"))
+    assert len(sessions) == 2 and all(len(json.loads(p.read_text())["runs_trained"]) == 4 for p in sessions)
+    assert sorted(str(p.relative_to(out).parent) for p in out.rglob("metrics.jsonl")) == [
+        f"debug/adamw-lr{lr}/{router}/seed{s}" for lr in ("0.01", "0.02") for router in ("linear", "mpi-C1") for s in (0, 1)]
+    text = (out / "report.md").read_text()
+    assert "## lr sweep: preset `debug`, optimizer `adamw`" in text and "| router | lr 0.01 | lr 0.02 | best lr |" in text
+    assert "## preset `debug`, optimizer `adamw`, lr 0.01" in text and "## preset `debug`, optimizer `adamw`, lr 0.02" in text
+    assert "--seeds 0 " in text and "--seeds 1 " in text and "--lr 0.01,0.02" in text
+    sweep = json.loads((out / "report.json").read_text())["sweeps"][0]["rows"]
+    assert [r["label"] for r in sweep] == ["linear", "mpi C'=1"] and sweep[1]["diff_n"] == 2
+    assert {float(lr) for lr in sweep[0]["by_lr"]} == {1e-2, 2e-2}
+    for name in ("debug-adamw-lr_sweep.png", "debug-adamw-lr0.01-val_loss.png", "debug-adamw-lr0.02-align_layers.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="learning rates must be > 0"):
+        small_cfg(out, lrs=[0.0])
