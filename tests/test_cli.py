@@ -51,8 +51,10 @@ def test_export_folds_routers_and_keeps_logits(run_dir, tmp_path):
 def test_inspect_prints_a_table_per_layer_and_expert(run_dir, capsys):
     assert main(["inspect", str(run_dir), "--batches", "2"]) == 0
     out = capsys.readouterr().out
-    assert "align φ" in out and "MaxVio" in out
-    assert sum(1 for line in out.splitlines() if " all " in line) == 2  # debug preset: 2 MoE layers
+    assert "align φ" in out and "MaxVio" in out and "gain φ" in out
+    layer_rows = [line.split() for line in out.splitlines() if " all " in line]
+    assert len(layer_rows) == 2  # debug preset: 2 MoE layers
+    assert all(0 < float(row[-2]) <= 1.0001 for row in layer_rows)  # gain φ = ‖Gφ̂‖/σ1 lies in (0, 1]
 
 
 def test_resume_via_cli_finishes_the_run(tmp_path):

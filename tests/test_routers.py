@@ -15,6 +15,7 @@ from mpirouter.routers import (
     mpi_scale,
     power_step,
     random_alignment_baseline,
+    relative_gain,
     retract,
     riemannian_ascent_step,
     top_singular_directions,
@@ -128,6 +129,20 @@ def test_alignment_is_one_for_the_top_direction_and_small_for_random():
     assert alignment(-top, w) == pytest.approx(torch.ones(4), abs=1e-5)  # sign-free
     rand = alignment(torch.randn(4, 256, generator=torch.Generator().manual_seed(0)), w)
     assert rand.mean().item() < 3 * random_alignment_baseline(256)
+
+
+def test_relative_gain_is_one_on_the_top_direction_and_sigma_ratio_on_the_second():
+    sig = [3.0, 2.4, 0.5]
+    w = torch.stack([matrix_with_spectrum(32, 64, sig, seed=s) for s in range(3)])
+    _, _, vh = torch.linalg.svd(w)
+    assert relative_gain(-5 * vh[:, 0], w) == pytest.approx(torch.ones(3), abs=1e-5)  # sign- and norm-free
+    assert relative_gain(vh[:, 1], w) == pytest.approx(torch.full((3,), 2.4 / 3.0), abs=1e-5)
+    mix = (vh[:, 0] + vh[:, 1]) / math.sqrt(2)  # half the energy on each: gain² = (σ1² + σ2²) / 2 / σ1²
+    assert relative_gain(mix, w) == pytest.approx(torch.full((3,), math.sqrt((9 + 2.4**2) / 2) / 3), abs=1e-5)
+    # through [G; U] the reference is the concatenation's top singular value
+    u = torch.stack([matrix_with_spectrum(32, 64, [1.0, 0.9], seed=10 + s) for s in range(3)])
+    top = top_singular_directions(torch.cat([w, u], dim=1))
+    assert relative_gain(top, w, u) == pytest.approx(torch.ones(3), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- modules

@@ -12,7 +12,7 @@ import torch
 
 from .data import iter_eval_batches, prepare_data
 from .moe import max_violation
-from .routers import select_target
+from .routers import relative_gain, select_target
 from .train import load_model
 
 
@@ -36,8 +36,9 @@ def inspect_checkpoint(path: str | Path, batches: int = 8, per_expert: bool = Tr
     lines = [f"checkpoint {path}: router {rc.kind} (target {rc.target}, C'={rc.scale_prime}), "
              f"{cfg.model.n_layers} layers, E={cfg.model.moe.num_experts}, k={cfg.model.moe.top_k}",
              f"alignment = |cos| with the top right-singular vector of the expert's {rc.target} matrix; "
-             f"random ≈ {(2 / (3.14159265 * cfg.model.dim)) ** 0.5:.3f}", ""]
-    head = f"{'layer':>5} {'expert':>6} {'load%':>7} {'align φ':>8} {'align R':>8} {'|R|':>7} {'|φ|':>7} {'σ1(G)':>7} {'σ2/σ1':>6}"
+             f"random ≈ {(2 / (3.14159265 * cfg.model.dim)) ** 0.5:.3f}; gain φ = ‖G φ̂‖ / σ1(G) (1: top direction, "
+             f"σ2/σ1: second)", ""]
+    head = f"{'layer':>5} {'expert':>6} {'load%':>7} {'align φ':>8} {'align R':>8} {'|R|':>7} {'|φ|':>7} {'σ1(G)':>7} {'σ2/σ1':>6} {'gain φ':>7}"
     lines.append(head + (f" {'MaxVio':>7}" if loads else ""))
     lines.append("-" * len(lines[-1]))
     for li, moe in enumerate(model.moe_layers()):
@@ -46,14 +47,15 @@ def inspect_checkpoint(path: str | Path, batches: int = 8, per_expert: bool = Tr
         sv = torch.linalg.svdvals(w.float())
         phi = moe.router.rows(moe.w_gate, moe.w_up)
         al = moe.alignment()
+        gain = relative_gain(phi, *mats)
         r_norm, phi_norm = moe.router.weight.norm(dim=-1), phi.norm(dim=-1)
         load = loads[li].float() / loads[li].sum() * 100 if loads else None
         vio = f" {max_violation(loads[li]).item():>7.3f}" if loads else ""
         lines.append(f"{li:>5} {'all':>6} {'':>7} {al['phi'].mean():>8.3f} {al['raw'].mean():>8.3f} {r_norm.mean():>7.3f} "
-                     f"{phi_norm.mean():>7.3f} {sv[:, 0].mean():>7.3f} {(sv[:, 1] / sv[:, 0]).mean():>6.3f}{vio}")
+                     f"{phi_norm.mean():>7.3f} {sv[:, 0].mean():>7.3f} {(sv[:, 1] / sv[:, 0]).mean():>6.3f} {gain.mean():>7.3f}{vio}")
         if per_expert:
             for e in range(moe.config.num_experts):
                 ld = f"{load[e]:>7.2f}" if load is not None else f"{'':>7}"
                 lines.append(f"{'':>5} {e:>6} {ld} {al['phi'][e]:>8.3f} {al['raw'][e]:>8.3f} {r_norm[e]:>7.3f} "
-                             f"{phi_norm[e]:>7.3f} {sv[e, 0]:>7.3f} {sv[e, 1] / sv[e, 0]:>6.3f}")
+                             f"{phi_norm[e]:>7.3f} {sv[e, 0]:>7.3f} {sv[e, 1] / sv[e, 0]:>6.3f} {gain[e]:>7.3f}")
     return "\n".join(lines)

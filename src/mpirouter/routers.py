@@ -136,6 +136,21 @@ def alignment(r_ED: torch.Tensor, *mats_EFD: torch.Tensor) -> torch.Tensor:
     return cos_E.abs()
 
 
+def relative_gain(r_ED: torch.Tensor, *mats_EFD: torch.Tensor) -> torch.Tensor:
+    """How much each expert amplifies its router direction, relative to the most it can: ‖M_i r̂_i‖ / σ₁(M_i).
+
+    1 on the top right-singular direction; σ₂/σ₁ on the second; √(Σσ²/D)/σ₁ on average for a random
+    direction. Unlike `alignment` it stays meaningful when σ₂ ≈ σ₁ (a nearly flat top of the spectrum,
+    where "the" top direction is ill-defined): it is √(ρ(r̂))/σ₁ with ρ the Rayleigh quotient of
+    MᵀM (PAPER.md, "Why it converges"), the quantity one MPI step increases. Returns (E,), float32.
+    """
+    w_EFD = torch.cat([m.detach().float() for m in mats_EFD], dim=1) if len(mats_EFD) > 1 else mats_EFD[0].detach().float()
+    r_ED = r_ED.detach().float()
+    unit_ED = r_ED / r_ED.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    gain_E = torch.bmm(w_EFD, unit_ED.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+    return gain_E / torch.linalg.matrix_norm(w_EFD, ord=2)
+
+
 def random_alignment_baseline(dim: int) -> float:
     """Expected |cos| between a fixed and a uniformly random direction in R^dim: ≈ sqrt(2/(π dim))."""
     return math.sqrt(2.0 / (math.pi * dim))
