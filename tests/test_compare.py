@@ -211,6 +211,7 @@ def test_lr_sweep_split_over_two_calls_sharing_one_folder(data, tmp_path):
         f"debug/adamw-lr{lr}/{router}/seed{s}" for lr in ("0.01", "0.02") for router in ("linear", "mpi-C1") for s in (0, 1)]
     text = (out / "report.md").read_text()
     assert "## lr sweep: preset `debug`, optimizer `adamw`" in text and "| router | lr 0.01 | lr 0.02 | best lr |" in text
+    assert "tokens, lrs 0.01 / 0.02, " in text and "tokens, lr 0.01, " in text
     assert "## preset `debug`, optimizer `adamw`, lr 0.01" in text and "## preset `debug`, optimizer `adamw`, lr 0.02" in text
     assert "--seeds 0 " in text and "--seeds 1 " in text and "--lr 0.01,0.02" in text
     sweep = json.loads((out / "report.json").read_text())["sweeps"][0]["rows"]

@@ -303,10 +303,10 @@ def _sweep_plot(rows: list[dict], out: Path, stem: str) -> list[str]:
     return [name]
 
 
-def _section_header(c: dict, start: dict, lr: str | None = None) -> str:
+def _section_header(c: dict, start: dict, lr: str | None = None) -> str:  # lr: e.g. "lrs 0.003 / 0.006"
     """The line under a section title: budget, lr, experts, corpus, device (from a run's config and start record)."""
     return (f"{c['steps']} steps × {c['batch_size'] * c['grad_accum']} sequences × {c.get('seq_len') or c['model']['max_seq_len']} "
-            f"tokens, lr {lr or c['optim'].get('lr')}, {c['model']['moe']['num_experts']} experts top-{c['model']['moe']['top_k']}, "
+            f"tokens, {lr or 'lr ' + str(c['optim'].get('lr'))}, {c['model']['moe']['num_experts']} experts top-{c['model']['moe']['top_k']}, "
             f"corpus {start.get('corpus', '?')}, device {start.get('device', '?')}")
 
 
@@ -338,7 +338,7 @@ def write_report(out_dir: str | Path) -> Path:
         rows = summarize_sweep(by_lr) if len(by_lr) > 1 else []
         if rows:
             first = next(iter(by_lr.values()))[0]
-            lrs = ", ".join(f"{lr:g}" for lr in sorted(by_lr))
+            lrs = "lrs " + " / ".join(f"{lr:g}" for lr in sorted(by_lr))
             lines += ["", f"## lr sweep: preset `{preset}`, optimizer `{optim}`", "",
                       _section_header(first.config, next(iter(first.events("start")), {}), lrs), "",
                       format_sweep(rows), "", SWEEP_NOTES, ""]
