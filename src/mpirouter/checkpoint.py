@@ -42,8 +42,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see either the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write a small text file so that readers see either the old or the new content.
+
+    The temporary name carries the pid, so processes writing the same file never share it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import atomic_write_text, resolve_checkpoint
 from .config import apply_overrides, to_dict
 from .metrics import read_metrics
-from .report import SCALE_FREE, SESSIONS, write_atomic, environment, variant_label, write_report
+from .report import SCALE_FREE, SESSIONS, environment, variant_label, write_report
 
 GRID_KEYS = ("model.moe.router.kind", "model.moe.router.scale_prime", "optim.name", "optim.lr", "seed", "out_dir")
 """Config fields the grid sets itself; `overrides` may not touch them."""
@@ -150,8 +151,6 @@ def grid_runs(cfg: CompareConfig) -> list[GridRun]:
 
 def run_status(run_dir: Path, steps: int) -> tuple[str, int]:
     """("done" | "partial" | "new", step reached): done = final step logged, partial = resumable checkpoint."""
-    from .checkpoint import resolve_checkpoint
-
     records = read_metrics(run_dir)
     if any(r.get("event") == "timing" and r.get("step") == steps for r in records):
         return "done", steps
@@ -211,7 +210,8 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
         check_config(run)
     session = {"command": command or command_line(cfg), **environment(), "config": to_dict(cfg), "runs_trained": []}
     session_path = out / SESSIONS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-    write_atomic(session_path, json.dumps(session, indent=2))
+    session_path.parent.mkdir(exist_ok=True)
+    atomic_write_text(session_path, json.dumps(session, indent=2))
     trained, times = 0, []
     for i, run in enumerate(runs, 1):
         status, step = run_status(run.run_dir, run.config.steps)
@@ -232,7 +232,7 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
         times.append(time.perf_counter() - t0)
         trained += 1
         session["runs_trained"].append(str(run.run_dir.relative_to(out)))
-        write_atomic(session_path, json.dumps(session, indent=2))
+        atomic_write_text(session_path, json.dumps(session, indent=2))
         ev = result.final_eval or {}
         print(f"{head}: finished in {_duration(times[-1])}, val loss {ev.get('val_loss', math.nan):.4f}, "
               f"MaxVio {ev.get('maxvio', math.nan):.3f}, align φ {ev.get('align', math.nan):.3f}", flush=True)

@@ -18,6 +18,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import atomic_write_text
 from .metrics import read_metrics
 from .stats import mean_curve, mean_std, paired_ci, tokens_to_target
 
@@ -35,14 +36,6 @@ def environment() -> dict:
     from .demo import machine_info
 
     return {**machine_info(), "platform": platform.platform(), "cores": os.cpu_count()}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a process sharing the folder never reads a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_sessions(out: Path) -> list[dict]:
@@ -358,6 +351,6 @@ def write_report(out_dir: str | Path) -> Path:
             lines += [f"![{f}]({f})" for f in _plots(section, rows, out, stem)]
             summary["sections"].append({"preset": preset, "optimizer": optim, "lr": lr, "rows": rows})
     lines += ["", "Columns:", "", NOTES, ""]
-    write_atomic(out / REPORT, "\n".join(lines))
-    write_atomic(out / REPORT_JSON, json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / REPORT, "\n".join(lines))
+    atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2, default=str))
     return out / REPORT
