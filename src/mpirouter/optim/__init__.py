@@ -28,7 +28,9 @@ the best at 600 steps on tiny (val loss):
     muonh  2e-2: 1.598   (4e-2: 1.639)
 
 AdamW stays at the project's earlier default 3e-3 (its 6e-3 edge is a single-seed 0.035 and would
-silently change earlier baselines); set ``DEFAULT_LR["adamw"] = 6e-3`` to follow the sweep. Every
+silently change earlier baselines). A later 4-seed sweep of both routers on tiny at 600 steps
+(results/sweep-tiny) confirms it: 3e-3 is best for linear (1.882) and mpi (1.875), with 6e-3 level
+for linear (1.888) and 1.2e-2 clearly worse. Every
 value trained without spikes; the next larger ×2 value is worse at 600 steps but still stable.
 For muon the lr is on AdamW's scale (``muon_lr_scaling="match_rms_adamw"``); for adamh/muonh it
 is the relative step ‖ΔW‖/‖W‖ per step. The AdamW-side groups of muon/adamh/muonh use
