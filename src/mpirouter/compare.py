@@ -209,7 +209,9 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
     for run in runs:
         check_config(run)
     session = {"command": command or command_line(cfg), **environment(), "config": to_dict(cfg), "runs_trained": []}
-    session_path = out / SESSIONS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    # sortable by start time, and unique even for two calls in one second from one process
+    now_ns = time.time_ns()
+    session_path = out / SESSIONS / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now_ns // 10**9))}-{now_ns % 10**9:09d}-{os.getpid()}.json"
     session_path.parent.mkdir(exist_ok=True)
     atomic_write_text(session_path, json.dumps(session, indent=2))
     trained, times = 0, []
