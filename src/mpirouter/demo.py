@@ -81,12 +81,10 @@ def machine_info() -> dict:
 
 def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path | None:
     """Validation loss, training loss, MaxVio and alignment curves, one line per router."""
-    try:
-        import matplotlib
+    from .report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib is not installed; skipping the plot (pip install 'mpirouter[plot]')")
         return None
     from .metrics import read_metrics

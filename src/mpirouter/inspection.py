@@ -12,7 +12,7 @@ import torch
 
 from .data import iter_eval_batches, prepare_data
 from .moe import max_violation
-from .routers import relative_gain, select_target
+from .routers import concat_rows, relative_gain, select_target
 from .train import load_model
 
 
@@ -43,8 +43,7 @@ def inspect_checkpoint(path: str | Path, batches: int = 8, per_expert: bool = Tr
     lines.append("-" * len(lines[-1]))
     for li, moe in enumerate(model.moe_layers()):
         mats = select_target(rc.target, moe.w_gate, moe.w_up)
-        w = torch.cat(mats, dim=1) if len(mats) > 1 else mats[0]
-        sv = torch.linalg.svdvals(w.float())
+        sv = torch.linalg.svdvals(concat_rows(*mats))
         phi = moe.router.rows(moe.w_gate, moe.w_up)
         al = moe.alignment()
         gain = relative_gain(phi, *mats)

@@ -31,6 +31,25 @@ def variant_label(router: str, scale: float | None) -> str:
     return router if scale is None else f"{router} C'={scale:g}"
 
 
+def variant_order(router: str, scale: float | None) -> tuple:
+    """Sort key of report rows: router kinds in ROUTER_KINDS order (unknown ones last), then C'."""
+    from .routers import ROUTER_KINDS
+
+    return (ROUTER_KINDS.index(router) if router in ROUTER_KINDS else len(ROUTER_KINDS), router, scale or 0.0)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def environment() -> dict:
     """demo.machine_info() plus the platform and core count."""
     from .demo import machine_info
@@ -95,11 +114,8 @@ def summarize_section(runs: list[RunRecord]) -> list[dict]:
                                       for r in seeds.values()])
     base_tokens = tokens_to_target(*curve(base)[:2], target) if base else None
     base_step_ms = [r.timing["step_ms"] for r in base.values() if "step_ms" in r.timing]
-    from .routers import ROUTER_KINDS
-
-    order = lambda key: (ROUTER_KINDS.index(key[0]) if key[0] in ROUTER_KINDS else 99, key[0], key[1] or 0.0)
     rows = []
-    for key in sorted(variants, key=order):
+    for key in sorted(variants, key=lambda key: variant_order(*key)):
         seeds = variants[key]
         finals = [r.final for r in seeds.values()]
         common = sorted(set(seeds) & set(base_final))
@@ -171,12 +187,8 @@ NOTES = """\
 
 def _plots(section: list[RunRecord], rows: list[dict], out: Path, stem: str) -> list[str]:
     """Seed-band curves (val loss, MaxVio, alignment) and final per-layer alignment; returns file names."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     colors = {r["label"]: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rows)}
     groups = {r["label"]: [x for x in section if x.final is not None and variant_label(x.router, x.scale) == r["label"]] for r in rows}
@@ -222,14 +234,12 @@ def summarize_sweep(by_lr: dict[float, list[RunRecord]]) -> list[dict]:
     """One row per (router, C') across learning rates: final loss per lr, its best lr, and the paired
     difference to linear with every variant at its own best lr (the fair tuned comparison)."""
     finals: dict[str, dict[float, dict[int, float]]] = {}
-    from .routers import ROUTER_KINDS
-
     keys = {}
     for lr, runs in by_lr.items():
         for r in runs:
             if r.final is not None:
                 label = variant_label(r.router, r.scale)
-                keys[label] = (ROUTER_KINDS.index(r.router) if r.router in ROUTER_KINDS else 99, r.router, r.scale or 0.0)
+                keys[label] = variant_order(r.router, r.scale)
                 finals.setdefault(label, {}).setdefault(lr, {})[r.config["seed"]] = r.final["val_loss"]
     best = {label: min(per_lr, key=lambda lr: mean_std(list(per_lr[lr].values()))[0]) for label, per_lr in finals.items()}
     rows = []
@@ -272,12 +282,8 @@ more picks; read a lone C' row as the fair one-for-one comparison."""
 
 
 def _sweep_plot(rows: list[dict], out: Path, stem: str) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, r in enumerate(rows):

@@ -113,6 +113,11 @@ def riemannian_ascent_step(v_D: torch.Tensor, a_DD: torch.Tensor) -> torch.Tenso
     return step_D / step_D.norm()
 
 
+def concat_rows(*mats_EFD: torch.Tensor) -> torch.Tensor:
+    """[M_1; M_2; ...] per expert, detached float32 (E, ΣF, D): the matrix whose spectrum `power_step` iterates."""
+    return torch.cat([m.detach().float() for m in mats_EFD], dim=1)
+
+
 def top_singular_directions(w_EFD: torch.Tensor) -> torch.Tensor:
     """Top right-singular vector of each expert matrix (rows of Vᵀ), shape (E, D), float32.
 
@@ -129,7 +134,7 @@ def alignment(r_ED: torch.Tensor, *mats_EFD: torch.Tensor) -> torch.Tensor:
     are given, matching `power_step`). A random direction in R^D scores about sqrt(2/(π D)).
     Returns shape (E,), float32.
     """
-    w_EFD = torch.cat([m.detach().float() for m in mats_EFD], dim=1) if len(mats_EFD) > 1 else mats_EFD[0]
+    w_EFD = concat_rows(*mats_EFD)
     v_ED = top_singular_directions(w_EFD)
     r_ED = r_ED.detach().float()
     cos_E = (r_ED * v_ED).sum(-1) / (r_ED.norm(dim=-1) * v_ED.norm(dim=-1)).clamp_min(1e-30)
@@ -144,7 +149,7 @@ def relative_gain(r_ED: torch.Tensor, *mats_EFD: torch.Tensor) -> torch.Tensor:
     where "the" top direction is ill-defined): it is √(ρ(r̂))/σ₁ with ρ the Rayleigh quotient of
     MᵀM (PAPER.md, "Why it converges"), the quantity one MPI step increases. Returns (E,), float32.
     """
-    w_EFD = torch.cat([m.detach().float() for m in mats_EFD], dim=1) if len(mats_EFD) > 1 else mats_EFD[0].detach().float()
+    w_EFD = concat_rows(*mats_EFD)
     r_ED = r_ED.detach().float()
     unit_ED = r_ED / r_ED.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     gain_E = torch.bmm(w_EFD, unit_ED.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
