@@ -1,6 +1,7 @@
 """The `mpirouter` commands end to end on the embedded corpus (debug preset, a few steps)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 from mpirouter.cli import main
 from mpirouter.train import load_model
 
-FAST = ["--preset", "debug", "--steps", "6", "--batch-size", "4", "--set", "eval_every=0", "--set", "eval_batch_size=64"]
+FAST = ["--preset", "debug", "--steps", "6", "--batch-size", "4", "--set", "eval_every=0", "--set", "eval_batch_size=64", "--set", "progress=false"]
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,159 @@ def test_train_with_another_optimizer_records_its_default_lr(tmp_path, optimizer
     assert main(["train", *FAST, "--optimizer", optimizer, "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["optim"]["name"] == optimizer and cfg["optim"]["lr"] == DEFAULT_LR[optimizer]
+
+
+def cli(argv, capsys):
+    """(exit code, stdout, stderr) of `mpirouter ARGV` run in this process."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse: usage errors (2), --help/--version (0)
+        code = e.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_flags_given_on_the_command_line_win_over_config(run_dir, tmp_path, capsys):
+    before = (run_dir / "metrics.jsonl").read_text()
+    out = tmp_path / "b"
+    code, _, _ = cli(["train", "--config", str(run_dir / "config.json"), "--out", str(out), "--steps", "3", "--router", "linear"], capsys)
+    cfg = json.loads((out / "config.json").read_text())
+    assert code == 0 and cfg["steps"] == 3 and cfg["out_dir"] == str(out) and cfg["model"]["moe"]["router"]["kind"] == "linear"
+    assert cfg["batch_size"] == 4 and cfg["preset"] == "debug"  # the rest comes from the file
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_training_into_an_existing_run_is_refused_and_force_moves_it_aside(run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    metrics = (copy / "metrics.jsonl").read_text()
+    code, _, err = cli(["train", *FAST, "--out", str(copy)], capsys)
+    assert code == 2 and "--resume" in one_error_line(err) and "--force" in err
+    assert (copy / "metrics.jsonl").read_text() == metrics
+    code, out, _ = cli(["train", *FAST, "--out", str(copy), "--force"], capsys)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("copy.old-")]
+    assert code == 0 and len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == metrics and str(aside[0]) in out
+
+
+def test_a_second_job_on_the_same_folder_is_refused(tmp_path, capsys):
+    from mpirouter.rundir import RunLock
+
+    (tmp_path / "r").mkdir()
+    with RunLock(tmp_path / "r"):
+        code, _, err = cli(["train", *FAST, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "in use by another job (pid" in one_error_line(err)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".lock"]
+
+
+def test_resume_continues_a_moved_run_and_refuses_what_cannot_change(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert cli(["train", *FAST, "--out", str(first), "--stop-at", "3"], capsys)[0] == 0
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    code, _, err = cli(["train", "--resume", "--out", str(moved), "--router", "linear"], capsys)
+    assert code == 2 and "cannot change on resume: model.moe.router.kind ('mpi' -> 'linear')" in one_error_line(err)
+    code, _, err = cli(["train", "--resume", "--out", str(moved), "--set", "model.moe.top_k=1"], capsys)
+    assert code == 2 and "model.moe.top_k (2 -> 1)" in one_error_line(err)
+    code, out, _ = cli(["train", "--resume", "--out", str(moved), "--steps", "8", "--stop-at", "7"], capsys)
+    assert code == 0 and "extending the run from 6 to 8 steps" in out
+    assert (moved / "checkpoints" / "latest").read_text() == "step_0000007" and not first.exists()
+
+
+def test_signal_during_training_checkpoints_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from mpirouter.model import MoELM
+
+    real, calls = MoELM.forward, {"n": 0}
+
+    def interrupting(self, idx, targets=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, idx, targets)
+
+    monkeypatch.setattr(MoELM, "forward", interrupting)
+    code, _, err = cli(["train", *FAST, "--out", str(tmp_path / "r")], capsys)
+    line = [l for l in err.splitlines() if l.startswith("mpirouter train:")][0]
+    assert code == 130 and f"to continue: mpirouter train --resume --out {tmp_path / 'r'}" in line and "step 2" in line
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_0000002"
+
+
+def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    import mpirouter.checkpoint as ckpt_mod
+
+    real_save, calls = ckpt_mod.torch.save, {"n": 0}
+
+    def fills_up(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", fills_up)
+    code, _, err = cli(["train", *FAST, "--out", str(tmp_path / "r"), "--set", "ckpt_every=2"], capsys)
+    assert code == 2 and "No space left on device" in one_error_line(err)
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert not list((tmp_path / "r" / "checkpoints").glob(".tmp-*"))
+    assert cli(["train", "--resume", "--out", str(tmp_path / "r")], capsys)[0] == 0
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_0000006"
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)  # as root, chmod cannot make a folder read-only
+    code, _, err = cli(["train", *FAST, "--out", str(tmp_path / "ro" / "r")], capsys)
+    assert code == 2 and one_error_line(err) == f"mpirouter train: error: Permission denied: {tmp_path / 'ro' / 'r'}"
+
+
+def test_corrupt_weights_are_a_clear_error_for_sample_and_resume_falls_back(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli(["train", *FAST, "--out", str(out), "--set", "ckpt_every=2", "--stop-at", "4"], capsys)[0] == 0
+    (out / "checkpoints" / "step_0000004" / "model.safetensors").write_bytes(b"\x00" * 64)
+    code, _, err = cli(["sample", str(out), "--tokens", "3"], capsys)
+    assert code == 2 and "step_0000004 is unreadable" in one_error_line(err)
+    code, out_text, _ = cli(["train", "--resume", "--out", str(out)], capsys)
+    assert code == 0 and "falling back to" in out_text and "step_0000002" in out_text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["sample", "RUN", "--top-k", "0"], "top_k"), (["sample", "RUN", "--device", "cuda"], "CUDA is not available"),
+     (["sample", "RUN", "--tokens", "-1"], "max_new_tokens"), (["train", "--device", "foo", "--out", "OUT"], "unknown device 'foo'"),
+     (["train", "--set", "model.moe=5", "--out", "OUT"], "model.moe"), (["train", "--set", "optim.betas=[0.9]", "--out", "OUT"], "optim.betas"),
+     (["train", "--set", "log_every=0", "--out", "OUT"], "log_every must be >= 1"), (["train", "--stop-at", "-1", "--out", "OUT"], "stop_at must be >= 1"),
+     (["train", "--resume", "--out", "OUT"], "does not exist"), (["train", "--config", "RUN", "--out", "OUT"], "is a folder"),
+     (["bench", "--reps", "0"], "--reps must be >= 1")],
+    ids=["sample-topk-0", "sample-no-cuda", "sample-negative-tokens", "train-device", "section-as-int", "betas-length", "log-every-0",
+         "stop-at-negative", "resume-missing", "config-is-a-folder", "bench-reps-0"],
+)
+def test_more_bad_input_is_one_clear_line(argv, message, run_dir, tmp_path, capsys):
+    argv = [str(run_dir) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    code, _, err = cli(argv[:1] + (FAST if argv[0] == "train" and "--resume" not in argv else []) + argv[1:], capsys)
+    assert code == 2 and message in one_error_line(err)
+
+
+def test_empty_prompt_samples_from_a_newline_without_a_nul_byte(run_dir, capsys):
+    code, out, _ = cli(["sample", str(run_dir), "--prompt", "", "--tokens", "12"], capsys)
+    assert code == 0 and "\x00" not in out and len(out.encode()) >= 10
+
+
+def test_version_and_help_show_description_and_defaults(capsys):
+    from mpirouter import __version__
+
+    code, out, _ = cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"mpirouter {__version__}"
+    code, out, _ = cli(["train", "--help"], capsys)
+    assert code == 0 and out.count("mpirouter train --preset tiny") == 1 and "--resume" in out and "(default: 500)" in out

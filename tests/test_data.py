@@ -260,6 +260,18 @@ def test_bad_tokenizer_spec_raises(tmp_path, spec, exc, pattern):
         build_tokenizer(DataConfig(tokenizer=str(tmp_path / spec) if "/" in spec else spec), corpus)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(val_fraction=0.0), r"val_fraction must be in \(0, 1\), got 0.0"), (dict(val_fraction=1.0), r"val_fraction must be in \(0, 1\), got 1.0"),
+     (dict(val_fraction=float("nan")), r"val_fraction must be in \(0, 1\), got nan"), (dict(bpe_vocab_size=256), "bpe_vocab_size must be > 256, got 256"),
+     (dict(jsonl_field=""), 'jsonl_field must be a non-empty string, got ""'), (dict(tokenizer=""), 'tokenizer must be a non-empty string, got ""')],
+    ids=["val-fraction-zero", "val-fraction-one", "val-fraction-nan", "bpe-vocab-of-bytes-only", "empty-jsonl-field", "empty-tokenizer"],
+)
+def test_data_config_rejects_bad_values_before_reading_anything(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**kwargs)
+
+
 def test_bpe_vocab_must_exceed_bytes(bpe_setup):
     cfg, corpus = bpe_setup
     cfg.bpe_vocab_size = 256

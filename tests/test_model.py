@@ -44,8 +44,18 @@ def test_dense_first_layers_and_tied_embeddings():
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(dim=64, n_heads=3), "n_heads=3 must divide dim=64"), (dict(dim=64, n_heads=64), "must be even for RoPE"),
-     (dict(n_layers=2, n_dense_layers=3), "n_dense_layers=3"), (dict(moe=dict(num_experts=4, top_k=5)), "top_k must be")],
-    ids=["heads-not-dividing-width", "odd-head-width", "too-many-dense", "topk-gt-experts"],
+     (dict(n_layers=2, n_dense_layers=3), r"n_dense_layers must be in \[0, n_layers=2\], got 3"),
+     (dict(n_dense_layers=-1), r"n_dense_layers must be in \[0, n_layers=4\], got -1"),
+     (dict(moe=dict(num_experts=4, top_k=5)), r"moe: top_k must be in \[1, num_experts=4\]"),
+     (dict(n_heads=0), "n_heads must be >= 1, got 0"), (dict(vocab_size=0), "vocab_size must be >= 1, got 0"),
+     (dict(max_seq_len=0), "max_seq_len must be >= 1, got 0"), (dict(dense_hidden=0), r"dense_hidden must be >= 1 \(or null\), got 0"),
+     (dict(rope_theta=0.0), "rope_theta must be > 0 and finite, got 0.0"), (dict(rope_theta=float("inf")), "rope_theta must be > 0 and finite, got inf"),
+     (dict(norm_eps=float("nan")), "norm_eps must be > 0 and finite, got nan"), (dict(norm_eps=0.0), "norm_eps must be > 0 and finite, got 0.0"),
+     (dict(dim=64.0), "dim must be an integer, got float 64.0"), (dict(moe=5), "moe must be a MoEConfig or a dict of its fields, got int 5"),
+     (dict(moe=dict(topk=1)), "moe: unknown MoEConfig field")],
+    ids=["heads-not-dividing-width", "odd-head-width", "too-many-dense", "negative-dense", "topk-gt-experts", "no-heads", "no-vocab",
+         "no-context", "zero-dense-hidden", "zero-rope-theta", "inf-rope-theta", "nan-norm-eps", "zero-norm-eps", "float-width",
+         "moe-not-a-config", "moe-dict-unknown-key"],
 )
 def test_bad_model_configs_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -90,10 +100,12 @@ def test_causality_future_tokens_do_not_change_past_logits():
 @pytest.mark.parametrize("kind", ["mpi", "power", "retract", "mpi-inplace", "linear"])
 def test_fold_routers_keeps_model_logits(kind):
     model = small_model(moe=dict(router=dict(kind=kind)))
+    built_from = model.config
     idx = torch.randint(0, 256, (2, 10))
     before = model(idx).logits
     model.fold_routers()
     assert all(m.router.kind == "linear" for m in model.moe_layers())
+    assert model.config.moe.router.kind == "linear" and built_from.moe.router.kind == kind
     torch.testing.assert_close(model(idx).logits, before, atol=1e-5, rtol=1e-5)
 
 
@@ -104,3 +116,20 @@ def test_generate_is_seeded_and_greedy_is_deterministic():
     a = model.generate(idx, 5, temperature=1.0, top_k=20, generator=g())
     assert a.shape == (1, 9) and torch.equal(a, model.generate(idx, 5, temperature=1.0, top_k=20, generator=g()))
     assert torch.equal(model.generate(idx, 5, temperature=0), model.generate(idx, 5, temperature=0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(max_new_tokens=-1), "max_new_tokens must be >= 0, got -1"), (dict(temperature=-0.5), "temperature must be >= 0 and finite, got -0.5"),
+     (dict(temperature=float("nan")), "temperature must be >= 0 and finite, got nan"), (dict(top_k=0), r"top_k must be >= 1 \(or null\), got 0")],
+    ids=["negative-length", "negative-temperature", "nan-temperature", "top-k-zero"],
+)
+def test_generate_rejects_bad_arguments(kwargs, message):
+    model = small_model()
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), **{"max_new_tokens": 1, **kwargs})
+
+
+def test_generate_zero_new_tokens_returns_the_prompt():
+    idx = torch.randint(0, 256, (2, 3))
+    assert torch.equal(small_model().generate(idx, 0), idx)

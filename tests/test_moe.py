@@ -138,6 +138,26 @@ def test_route_renormalizes_top_k_in_float32():
     assert tokens_per_expert(r.experts_TK, 6).sum() == 21
 
 
+@pytest.mark.parametrize("top_k", [0, 7, -1], ids=["zero", "more-than-experts", "negative"])
+def test_route_rejects_top_k_outside_one_to_num_experts(top_k):
+    with pytest.raises(ValueError, match=rf"top_k must be in \[1, num_experts=6\], got {top_k}"):
+        route(torch.randn(3, 6), top_k)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 16), (3, 0, 16)], ids=["no-sequences", "empty-sequences"])
+@pytest.mark.parametrize("scope", ["sequence", "batch"])
+def test_empty_batch_gives_empty_output_and_zero_stats(shape, scope):
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8, aux_loss_coef=0.02, z_loss_coef=0.001, aux_loss_scope=scope))
+    x = torch.randn(shape, requires_grad=True)
+    out, st = moe(x)
+    assert out.shape == shape and out.dtype == x.dtype
+    assert torch.equal(st.tokens_per_expert_E, torch.zeros(4, dtype=torch.int64))
+    for value in (st.max_vio, st.aux_loss, st.z_loss, st.entropy):
+        assert value.shape == () and value.item() == 0.0
+    (out.sum() + st.aux_loss + st.z_loss).backward()
+    assert x.grad.shape == shape
+
+
 def test_layer_stats_are_consistent():
     torch.manual_seed(2)
     moe = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8, aux_loss_coef=0.02, z_loss_coef=0.001))
@@ -156,16 +176,25 @@ def test_fold_router_keeps_layer_outputs():
     moe = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8))
     x = torch.randn(2, 5, 16)
     before = moe(x).out
+    cfg = moe.config
     moe.fold_router()
     assert moe.router.kind == "linear" and moe.config.router.kind == "linear"
+    assert cfg.router.kind == "mpi"  # the config the layer was built from is not rewritten
     torch.testing.assert_close(moe(x).out, before, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(num_experts=4, top_k=5), r"top_k must be in \[1, num_experts=4\]"), (dict(aux_loss_scope="global"), "aux_loss_scope"),
-     (dict(dispatch="triton"), "dispatch must be")],
-    ids=["topk-gt-experts", "bad-scope", "bad-dispatch"],
+     (dict(dispatch="triton"), "dispatch must be"), (dict(top_k=0), r"top_k must be in \[1, num_experts=8\], got 0"),
+     (dict(num_experts=0, top_k=0), "num_experts must be >= 1, got 0"), (dict(hidden=0), "hidden .* must be >= 1, got 0"),
+     (dict(aux_loss_coef=float("nan")), "aux_loss_coef must be >= 0 and finite, got nan"),
+     (dict(aux_loss_coef=-0.1), "aux_loss_coef must be >= 0 and finite, got -0.1"),
+     (dict(z_loss_coef=float("inf")), "z_loss_coef must be >= 0 and finite, got inf"), (dict(top_k=2.0), "top_k must be an integer, got float 2.0"),
+     (dict(router=5), "router must be a RouterConfig or a dict of its fields, got int 5"),
+     (dict(router=dict(kind="sigmoid")), '"sigmoid" is not one of linear'), (dict(router=dict(scale=1.0)), "router: unknown RouterConfig field")],
+    ids=["topk-gt-experts", "bad-scope", "bad-dispatch", "topk-zero", "no-experts", "no-hidden", "nan-aux-coef", "negative-aux-coef",
+         "inf-z-coef", "float-topk", "router-not-a-config", "router-dict-bad-kind", "router-dict-unknown-key"],
 )
 def test_moe_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -25,7 +25,7 @@ from mpirouter.optim import (
     with_optimizer,
 )
 from mpirouter.routers import RouterConfig
-from mpirouter.train import OptimConfig, ScheduleConfig, TrainConfig, load_model, param_groups, train
+from mpirouter.train import OptimConfig, ScheduleConfig, TrainConfig, load_model, param_groups, resolve_config, train
 
 ROUTER_MODES = ("matrix", "rows", "adamw")
 
@@ -281,7 +281,9 @@ def test_lr_defaults_validation_and_grid_helper():
     cfg = OptimConfig(name="muonh")
     assert cfg.lr is None and cfg.peak_lr == DEFAULT_LR["muonh"]
     build_optimizer(model, cfg)
-    assert cfg.lr == DEFAULT_LR["muonh"] and cfg.adam_lr == DEFAULT_LR["adamw"]  # written back for the loop/config
+    assert cfg.lr is None and cfg.adam_lr is None  # the user's config is never written to
+    resolved = resolve_config(TrainConfig(model=preset_config("debug"), optim=cfg), vocab_size=256)
+    assert resolved.optim.lr == DEFAULT_LR["muonh"] and resolved.optim.adam_lr == DEFAULT_LR["adamw"] and cfg.lr is None
     base = TrainConfig(model=preset_config("debug"), optim=OptimConfig(name="adamw", lr=1e-2), out_dir="runs/x")
     variant = with_optimizer(base, "muon", out_dir="runs/x-muon")
     assert variant.optim.name == "muon" and variant.optim.lr is None and variant.out_dir == "runs/x-muon"
@@ -290,7 +292,7 @@ def test_lr_defaults_validation_and_grid_helper():
         OptimConfig(name="sgd")
     with pytest.raises(ValueError, match="optim.router='cols'"):
         OptimConfig(router="cols")
-    with pytest.raises(ValueError, match="optim.lr must be > 0"):
+    with pytest.raises(ValueError, match=r"optim.lr must be in \(0, 1000\]"):
         OptimConfig(lr=0.0)
 
 

@@ -38,6 +38,8 @@ def test_mpi_scale_is_c_prime_over_sqrt_n():
     assert mpi_scale(16, 2.0) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="must be > 0"):
         mpi_scale(8, 0.0)
+    with pytest.raises(ValueError, match="must be > 0 and finite, got inf"):
+        mpi_scale(8, math.inf)
 
 
 def test_power_step_equals_explicit_gram_product():
@@ -121,6 +123,28 @@ def test_degenerate_rows_give_zero_rows_and_finite_gradients(case):
     phi.sum().backward()
     assert torch.isfinite(r.grad).all() and torch.isfinite(w.grad).all()
     assert phi[0].norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["router_row", "gate_weights"])
+def test_nan_in_one_expert_gives_nan_logits_for_that_expert_only(where):
+    torch.manual_seed(0)
+    router = MPIRouter(8, 4)
+    w_gate = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        if where == "router_row":
+            router.weight[2, 3] = math.nan
+        else:
+            w_gate[2, 1, 4] = math.nan
+    logits = router(torch.randn(6, 8), w_gate)
+    assert torch.isnan(logits[:, 2]).all()  # not a valid-looking logit 0
+    assert torch.isfinite(logits[:, [0, 1, 3]]).all()
+
+
+def test_retract_keeps_nan_rows_and_zeroes_only_degenerate_ones():
+    v = torch.tensor([[3.0, 4.0], [0.0, 0.0], [math.nan, 1.0], [math.inf, 1.0]])
+    phi = retract(v, 2.0)
+    torch.testing.assert_close(phi[:2], torch.tensor([[1.2, 1.6], [0.0, 0.0]]))
+    assert torch.isnan(phi[2]).all() and not torch.isfinite(phi[3]).all()
 
 
 def test_alignment_is_one_for_the_top_direction_and_small_for_random():
@@ -218,8 +242,10 @@ def test_mpi_router_class_is_the_paper_default():
         (dict(kind="sigmoid"), "unknown router kind 'sigmoid'"),
         (dict(target="down"), "unknown power target 'down'"),
         (dict(scale_prime=-1.0), "must be > 0"),
+        (dict(scale_prime=float("inf")), r"scale_prime \(C'\) must be > 0 and finite, got inf"),
+        (dict(scale_prime=float("nan")), r"scale_prime \(C'\) must be > 0 and finite, got nan"),
     ],
-    ids=["unknown-kind", "unknown-target", "negative-scale"],
+    ids=["unknown-kind", "unknown-target", "negative-scale", "infinite-scale", "nan-scale"],
 )
 def test_router_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

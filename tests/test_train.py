@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from mpirouter.train import (
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
+    TrainingInterrupted,
+    evaluate,
     load_model,
     lr_multiplier,
     param_groups,
@@ -189,3 +195,122 @@ def test_bf16_autocast_runs_experts_in_bf16_and_trains(tmp_path, data):
     result = train(cfg_for(tmp_path, steps=20, precision="bf16", eval_every=0), data=data)
     losses = curve(result, "lm_loss")
     assert losses[-1] < losses[0] - 0.5
+
+
+def _strip(history):
+    return [{k: v for k, v in r.items() if k not in ("step_time_s", "tokens_per_s")} for r in history if r["event"] in ("train", "eval")]
+
+
+def test_resume_uses_the_folder_given_and_falls_back_past_a_corrupt_checkpoint(tmp_path, data):
+    """A moved run resumes where it is now; a corrupt newest checkpoint is skipped with a message."""
+    full = train(cfg_for(tmp_path / "full", steps=12, ckpt_every=4), data=data)
+    orig = cfg_for(tmp_path / "orig", steps=12, ckpt_every=4)
+    train(orig, data=data, stop_at=10)
+    moved = tmp_path / "moved"
+    shutil.copytree(orig.out_dir, moved)
+    before = (Path(orig.out_dir) / "metrics.jsonl").read_text()
+    (moved / "checkpoints" / "step_0000010" / ckpt.WEIGHTS).write_bytes(b"not a safetensors file")
+    (moved / "checkpoints" / ".tmp-step_0000011").mkdir()  # left by a save that hit a full disk
+    said = []
+    resumed = train(dataclasses.replace(orig, out_dir=str(moved)), data=data, resume=True, say=said.append)
+    assert any("step_0000010 is unreadable" in m for m in said) and any("falling back to" in m and "step_0000008" in m for m in said)
+    assert (Path(orig.out_dir) / "metrics.jsonl").read_text() == before  # the original is not touched
+    assert _strip(resumed.history) == _strip(full.history)
+    assert not (moved / "checkpoints" / ".tmp-step_0000011").exists()
+
+
+def test_resume_honours_steps_and_refuses_other_changes(tmp_path, data):
+    cfg = cfg_for(tmp_path, steps=8, ckpt_every=4)
+    train(cfg, data=data, stop_at=4)
+    with pytest.raises(ValueError, match=r"cannot change on resume: model.moe.router.kind \('mpi' -> 'linear'\)"):
+        train(cfg_for(tmp_path, router="linear", steps=8, ckpt_every=4, out_dir=cfg.out_dir), data=data, resume=True)
+    with pytest.raises(ValueError, match="cannot change on resume: optim.lr"):
+        train(dataclasses.replace(cfg, optim=OptimConfig(lr=5e-3)), data=data, resume=True)
+    with pytest.raises(ValueError, match="--steps 3 is below the checkpoint's step 4"):
+        train(dataclasses.replace(cfg, steps=3), data=data, resume=True)
+    said = []
+    longer = train(dataclasses.replace(cfg, steps=12, log_every=2), data=data, resume=True, say=said.append)
+    assert longer.step == 12 and [r["step"] for r in longer.history if r["event"] == "timing"] == [12]
+    assert any("extending the run from 8 to 12 steps" in m and "schedule is recomputed" in m for m in said)
+    assert json.loads((Path(cfg.out_dir) / "config.json").read_text())["steps"] == 12
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, data):
+    cfg = cfg_for(tmp_path, steps=6)
+    done = train(cfg, data=data)
+    metrics = (Path(cfg.out_dir) / "metrics.jsonl").read_text()
+    said = []
+    again = train(cfg, data=data, resume=True, say=said.append)
+    assert "already finished its 6 steps" in said[-1]
+    assert (Path(cfg.out_dir) / "metrics.jsonl").read_text() == metrics and '"event": "timing"' in metrics
+    assert again.final_eval == done.final_eval
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data, monkeypatch):
+    full = train(cfg_for(tmp_path / "full", steps=10, ckpt_every=0), data=data)
+    cfg = cfg_for(tmp_path / "split", steps=10, ckpt_every=0)
+    real_forward, calls = MoELM.forward, {"n": 0}
+
+    def forward_then_signal(self, idx, targets=None):
+        calls["n"] += 1 if self.training else 0
+        if self.training and calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step 5 (0-based)
+        return real_forward(self, idx, targets)
+
+    monkeypatch.setattr(MoELM, "forward", forward_then_signal)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg, data=data)
+    monkeypatch.setattr(MoELM, "forward", real_forward)
+    assert info.value.step == 6 and info.value.exit_code == 128 + signal.SIGTERM
+    assert ckpt.resolve_checkpoint(cfg.out_dir).name == "step_0000006"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    resumed = train(cfg, data=data, resume=True)
+    assert _strip(resumed.history) == _strip(full.history)
+
+
+def test_non_finite_weights_stop_the_run_and_are_never_checkpointed(tmp_path, data):
+    """Adam with eps=0 divides 0 by 0 for rows without gradient: the weights turn NaN while the loss is still finite."""
+    cfg = cfg_for(tmp_path, steps=6, ckpt_every=1, optim=OptimConfig(lr=1e-2, eps=0.0))
+    with pytest.raises(NonFiniteLossError, match="weights became non-finite at step 1 .*No checkpoint was written yet"):
+        train(cfg, data=data)
+    assert not list((Path(cfg.out_dir) / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.parametrize("ckpt_every, eval_every, steps, interval", [(None, 8, 24, 8), (None, 0, 20, 2), (None, 0, 5, 1), (0, 8, 24, 0), (3, 8, 24, 3)],
+                         ids=["at-evals", "tenth-without-evals", "short-run", "off", "explicit"])
+def test_checkpoints_are_periodic_by_default(tmp_path, ckpt_every, eval_every, steps, interval):
+    assert cfg_for(tmp_path, steps=steps, ckpt_every=ckpt_every, eval_every=eval_every).ckpt_interval == interval
+
+
+def test_final_eval_also_reports_the_periodic_estimator(tmp_path, data):
+    torch.manual_seed(0)
+    cfg = cfg_for(tmp_path, eval_batches=2)
+    model = MoELM(preset_config("debug", max_seq_len=32))
+    prefix = evaluate(model, data.val_ids, cfg, torch.device("cpu"), max_batches=2)
+    whole = evaluate(model, data.val_ids, cfg, torch.device("cpu"), prefix_batches=2)
+    assert prefix["val_scope"] == "prefix" and prefix["val_batches"] == 2
+    assert whole["val_scope"] == "whole" and whole["val_batches"] == 16  # 4096 tokens / 32 / 8
+    assert whole["val_loss_prefix"] == prefix["val_loss"] and whole["maxvio_prefix"] == prefix["maxvio"]
+    assert whole["val_loss"] != prefix["val_loss"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("grad_clip=-1", "grad_clip must be >= 0"), ("eval_every=-1", "eval_every must be >= 0"), ("log_every=0", "log_every must be >= 1"),
+     ("schedule.min_lr_ratio=5", r"min_lr_ratio must be in \[0, 1\]"), ("optim.lr=1e39", r"optim.lr must be in \(0, 1000\]"),
+     ("optim.eps=nan", "optim.eps must be >= 0 and finite, got nan"), ("optim.betas=[0.9, 1.0]", r"optim.betas\[1\] must be in \[0, 1\)"),
+     ("device=foo", "unknown device 'foo'"), ("seed=-1", r"seed must be in \[0, "), ("ckpt_keep=0", "ckpt_keep must be >= 1"),
+     ("schedule.warmup_steps=-2", "warmup_steps must be >= 0"), ("optim.weight_decay=inf", "weight_decay must be >= 0 and finite, got inf")],
+    ids=["grad-clip", "eval-every", "log-every", "min-lr-ratio", "huge-lr", "nan-eps", "beta-one", "device", "seed", "ckpt-keep",
+         "warmup", "inf-decay"],
+)
+def test_nonsense_numbers_are_rejected(override, message):
+    from mpirouter.config import apply_overrides
+
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(TrainConfig(), [override])
+
+
+def test_stop_at_must_be_positive(tmp_path, data):
+    with pytest.raises(ValueError, match="stop_at must be >= 1"):
+        train(cfg_for(tmp_path), data=data, stop_at=-1)

@@ -15,17 +15,28 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 CONFIG = "config.json"
+TMP_PREFIX = ".tmp-"
+
+
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint would have held NaN/inf weights."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint folder exists but cannot be read."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -67,6 +78,18 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def all_finite(tensors) -> bool:
+    """Whether every tensor holds only finite values (one host read for all of them)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -75,24 +98,36 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoints/step_XXXXXXX atomically and point `latest` at it; keep the newest `keep`."""
+    """Write checkpoints/step_XXXXXXX atomically and point `latest` at it; keep the newest `keep`.
+
+    Refuses (NonFiniteWeightsError, nothing written) when a weight is NaN/inf, so every checkpoint
+    on disk can be resumed from. A failure mid-write (disk full, ...) removes the temporary folder.
+    """
+    tensors = model_tensors(model)
+    if not all_finite(tensors.values()):
+        raise NonFiniteWeightsError(f"weights are not finite at step {step}; no checkpoint written")
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    final, tmp = ckpt_root / name, ckpt_root / f"{TMP_PREFIX}{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(model_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
-    if train_state is not None:
-        torch.save(train_state, tmp / STATE)
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+        os.chmod(tmp / WEIGHTS, 0o666 & ~_umask())  # safetensors writes 0600; match the run's other files
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(ckpt_root)
     atomic_write_text(ckpt_root / LATEST, name)
     if keep > 0:
@@ -100,6 +135,15 @@ def save_checkpoint(
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete temporary checkpoint folders a crashed save left behind (only ours: `.tmp-step_*`)."""
+    removed = []
+    for p in (Path(run_dir) / "checkpoints").glob(f"{TMP_PREFIX}step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -118,15 +162,68 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no checkpoint found at {str(path)!r} (expected {WEIGHTS} or checkpoints/{LATEST})")
 
 
-def load_checkpoint(path: str | Path, with_state: bool = True) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
-    """Return (config dict, model tensors, train state or None) of a checkpoint."""
-    ckpt = resolve_checkpoint(path)
-    config = json.loads((ckpt / CONFIG).read_text())
-    tensors = load_file(str(ckpt / WEIGHTS))
-    state = None
-    if with_state and (ckpt / STATE).is_file():
-        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
+def checkpoints_newest_first(path: str | Path) -> list[Path]:
+    """Every complete-looking checkpoint of a run, `latest` first, then the others by step, newest first."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return [path]
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    try:
+        first = [resolve_checkpoint(path)]
+    except FileNotFoundError:
+        first = []
+    return first + [p for p in found if p not in first]
+
+
+def _read(ckpt: Path, with_state: bool) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+    try:
+        config = json.loads((ckpt / CONFIG).read_text())
+        tensors = load_file(str(ckpt / WEIGHTS))
+        state = None
+        if with_state and (ckpt / STATE).is_file():
+            state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CorruptCheckpointError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {reason[:200]})") from None
     return config, tensors, state
+
+
+def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = False,
+                    say=print) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+    """Return (config dict, model tensors, train state or None) of a checkpoint.
+
+    A corrupt checkpoint raises CorruptCheckpointError; with fallback=True the previous readable
+    checkpoint of the run is used instead, and `say` reports which one was skipped and why.
+    """
+    candidates = checkpoints_newest_first(path)
+    if not candidates:
+        resolve_checkpoint(path)  # raises the clear "not found" error
+    errors = []
+    for ckpt in candidates if fallback else candidates[:1]:
+        try:
+            loaded = _read(ckpt, with_state)
+        except CorruptCheckpointError as e:
+            errors.append(str(e))
+            if fallback:
+                say(f"warning: {e}; trying the previous checkpoint")
+            continue
+        if errors:
+            say(f"falling back to {ckpt}")
+        return loaded
+    raise CorruptCheckpointError(errors[-1] if len(errors) == 1 else f"no readable checkpoint under {path}: {'; '.join(errors)}")
+
+
+def last_finite_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run whose weights are readable and all finite (None if there is none)."""
+    for ckpt in checkpoints_newest_first(run_dir) if (Path(run_dir) / "checkpoints").is_dir() else []:
+        try:
+            _, tensors, _ = _read(ckpt, with_state=False)
+        except CorruptCheckpointError:
+            continue
+        if all_finite(tensors.values()):
+            return ckpt
+    return None
 
 
 def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -9,7 +9,9 @@
     mpirouter compare --routers linear,mpi --seeds 0,1,2 --out runs/compare
 
 Flags map onto the config dataclasses in `train.py`; any field is reachable with
-`--set section.field=value` (e.g. `--set model.moe.top_k=4 --set schedule.kind=wsd`).
+`--set section.field=value` (e.g. `--set model.moe.top_k=4 --set schedule.kind=wsd`). Bad input
+gets one line on stderr and exit code 2; a training stopped by a non-finite loss exits 3; one
+stopped by SIGINT/SIGTERM (after writing a checkpoint) exits 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,20 +36,67 @@ def _maybe_reexec(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "mpirouter.cli", *argv], env)
 
 
-def _train_config(args) -> "TrainConfig":
-    from .config import apply_overrides, from_dict
+FLAG_FIELDS = {"router": "model.moe.router.kind", "scale": "model.moe.router.scale_prime", "target": "model.moe.router.target",
+               "data": "data.path", "tokenizer": "data.tokenizer", "steps": "steps", "batch_size": "batch_size",
+               "optimizer": "optim.name", "lr": "optim.lr", "seed": "seed", "device": "device", "compile": "compile",
+               "out": "out_dir"}
+"""`train` flags and the TrainConfig field each sets (`--preset` replaces the whole model section)."""
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options that `argv` gives explicitly (abbreviations are disabled, so exact)."""
+    given = set()
+    for action in parser._actions:
+        if any(tok == opt or tok.startswith(opt + "=") for opt in action.option_strings for tok in argv):
+            given.add(action.dest)
+    return given
+
+
+def _set_field(data: dict, path: str, value) -> None:
+    *sections, leaf = path.split(".")
+    for key in sections:
+        data = data[key]
+    data[leaf] = value
+
+
+def train_config(args, explicit: set[str]) -> "TrainConfig":
+    """The TrainConfig a `train` command line asks for.
+
+    Without --config or --resume every flag (or its default) sets its field. With --config FILE (or
+    --resume, which starts from the checkpoint's config), the file gives the defaults and the flags
+    given explicitly on the command line win over it; `--set` overrides come last.
+    """
+    from .checkpoint import load_checkpoint
+    from .config import apply_overrides, from_dict, to_dict
     from .data import DataConfig
     from .model import preset_config
     from .routers import RouterConfig
     from .train import OptimConfig, TrainConfig
 
-    if args.config:
-        cfg = from_dict(TrainConfig, json.loads(Path(args.config).read_text()))
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+        for flag in ("config", "force"):
+            if flag in explicit:
+                raise ValueError(f"--{flag} cannot be combined with --resume (the checkpoint holds the run's config)")
+        saved, _, _ = load_checkpoint(args.out, with_state=False, fallback=True, say=lambda _: None)
+        base = to_dict(from_dict(TrainConfig, saved))
+        explicit = explicit | {"out"}  # a moved or copied run continues where it is now
+    elif args.config:
+        try:
+            text = Path(args.config).read_text()
+        except IsADirectoryError:
+            raise ValueError(f"--config {args.config} is a folder; pass its config.json") from None
+        try:
+            base = to_dict(from_dict(TrainConfig, json.loads(text)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {args.config} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        except TypeError as e:
+            raise ValueError(f"--config {args.config}: {e}") from None
     else:
         router = RouterConfig(kind=args.router, scale_prime=args.scale, target=args.target)
-        model = preset_config(args.preset, moe=dict(router=router))
         cfg = TrainConfig(
-            model=model,
+            model=preset_config(args.preset, moe=dict(router=router)),
             preset=args.preset,
             data=DataConfig(path=args.data, tokenizer=args.tokenizer),
             optim=OptimConfig(name=args.optimizer, lr=args.lr),
@@ -57,29 +107,39 @@ def _train_config(args) -> "TrainConfig":
             compile=args.compile,
             out_dir=args.out or f"runs/{args.preset}-{args.router}-s{args.seed}",
         )
-    return apply_overrides(cfg, args.set or [])
+        return apply_overrides(cfg, args.set or [])
+    if "preset" in explicit:
+        model = to_dict(preset_config(args.preset))
+        model["moe"]["router"] = base["model"]["moe"]["router"]
+        base["model"], base["preset"] = model, args.preset
+    if "optimizer" in explicit and "lr" not in explicit and args.optimizer != base["optim"]["name"]:
+        base["optim"]["lr"] = base["optim"]["adam_lr"] = None  # a tuned lr belongs to the old optimizer
+    for dest, path in FLAG_FIELDS.items():
+        if dest in explicit:
+            _set_field(base, path, getattr(args, dest))
+    return apply_overrides(from_dict(TrainConfig, base), args.set or [])
 
 
 def cmd_train(args) -> int:
+    """mpirouter train --preset tiny --router mpi --steps 500 --out runs/tiny-mpi
+
+    Train an MoE language model into a run folder (config.json, metrics.jsonl, checkpoints/).
+    Refuses a folder that already holds a run: continue it with --resume, or pass --force to move it
+    aside. --config FILE starts from a saved config; flags given on the command line win over it.
+    --resume continues the run in --out from its newest readable checkpoint; it may change --steps
+    (extends or shortens the run; the schedule is recomputed), --stop-at, --device, --compile and
+    run-time --set fields (logging, evals, checkpoints); anything else is refused. Ctrl-C or SIGTERM
+    finishes the step, writes a checkpoint and says how to resume.
+    """
     from .train import train
 
-    if args.resume:
-        out = args.out or (args.resume if isinstance(args.resume, str) else None)
-        if not out:
-            raise SystemExit("--resume needs --out RUN_DIR (the run to continue)")
-        from .config import from_dict
-        from .checkpoint import load_checkpoint
-        from .train import TrainConfig
-
-        saved, _, _ = load_checkpoint(out, with_state=False)
-        cfg = from_dict(TrainConfig, saved)
-        result = train(cfg, resume=True)
-    else:
-        cfg = _train_config(args)
-        result = train(cfg, stop_at=args.stop_at)
+    cfg = train_config(args, args.explicit)
+    result = train(cfg, resume=args.resume, stop_at=args.stop_at, force=args.force)
     ev = result.final_eval or {}
-    print(f"run: {result.run_dir}  step {result.step}  median step {1000 * result.step_time_median_s:.0f} ms  "
-          f"{result.tokens_per_s:,.0f} tok/s")
+    steps = f"step {result.step}"
+    if result.step_time_median_s == result.step_time_median_s:  # not nan: steps ran (or were recorded)
+        steps += f"  median step {1000 * result.step_time_median_s:.0f} ms  {result.tokens_per_s:,.0f} tok/s"
+    print(f"run: {result.run_dir}  {steps}")
     if ev:
         print(f"val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}  MaxVio {ev['maxvio']:.3f}  "
               f"alignment φ {ev['align']:.3f} (raw R {ev['align_raw']:.3f})")
@@ -87,38 +147,68 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    """mpirouter sample runs/tiny-mpi --prompt "ROMEO." --tokens 200
+
+    Generate text from a checkpoint (a run folder, a checkpoint folder or an export). Prints the
+    prompt and its continuation; with an empty prompt, only the continuation of a newline.
+    """
     import torch
 
-    from .train import load_model, run_tokenizer
+    from .train import load_model, resolve_device, run_tokenizer
 
-    model, cfg = load_model(args.checkpoint, args.device)
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
     tok = run_tokenizer(args.checkpoint, cfg)
-    ids = tok.encode(args.prompt) or [0]
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    idx = torch.tensor([ids], device=args.device)
+    prompt_ids = tok.encode(args.prompt)
+    context = prompt_ids or tok.encode("\n")
+    if not context:
+        raise ValueError("the tokenizer encodes neither the prompt nor a newline; give a non-empty --prompt")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([context], device=device)
     out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
-    print(tok.decode(out[0].tolist()))
+    print(tok.decode(out[0].tolist() if prompt_ids else out[0, len(context):].tolist()))
     return 0
 
 
 def cmd_export(args) -> int:
+    """mpirouter export runs/tiny-mpi --out runs/tiny-mpi-export
+
+    Fold the routers into plain linear routers (φ computed once) and write an ordinary checkpoint.
+    Never replaces anything but an earlier export, and that only with --force.
+    """
     from .export import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, verify=not args.no_verify)
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, verify=not args.no_verify, force=args.force)
+    except RuntimeError as e:  # the folded model's logits differ: nothing was written
+        raise ValueError(str(e)) from None
     print(f"exported to {path} (routers folded into plain linear routers)")
     return 0
 
 
 def cmd_inspect(args) -> int:
+    """mpirouter inspect runs/tiny-mpi
+
+    Per layer and expert: alignment of φ and of R, load share, norms, σ1 and σ2/σ1 of the gate matrix, gain.
+    """
     from .inspection import inspect_checkpoint
 
+    if args.batches < 0:
+        raise ValueError(f"--batches must be >= 0, got {args.batches}")
     print(inspect_checkpoint(args.checkpoint, batches=args.batches, per_expert=not args.layers_only))
     return 0
 
 
 def cmd_bench(args) -> int:
+    """mpirouter bench --shapes tiny,small,fine --reps 5
+
+    MoE layer forward+backward of each implementation side by side (interleaved medians), and the
+    MPI rows' share of a training step.
+    """
     from .bench import run_bench
 
+    if args.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {args.reps}")
     results = run_bench([s.strip() for s in args.shapes.split(",")], reps=args.reps, router_preset=args.router_preset or None)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -126,107 +216,150 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """mpirouter demo
+
+    The main job: train linear and mpi routers side by side (same seed: same initial weights and
+    batches) on the embedded corpus and compare them (summary.md, summary.json, curves.png).
+    """
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, steps=args.steps, routers=args.routers.split(","), seed=args.seed, preset=args.preset)
+    run_demo(out_dir=args.out, steps=args.steps, routers=args.routers.split(","), seed=args.seed, preset=args.preset,
+             data_path=args.data, tokenizer=args.tokenizer)
     return 0
 
 
 def cmd_compare(args) -> int:
+    """mpirouter compare --routers linear,mpi --seeds 0,1,2 --out runs/compare
+
+    A matched grid of trainings (routers × seeds × optimizers × C' × lr) and a report comparing them.
+    """
     from .compare import cli_main
 
     return cli_main(args)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, and command docstrings shown as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .model import PRESETS
     from .optim import OPTIMIZERS
     from .routers import POWER_TARGETS, ROUTER_KINDS
 
-    p = argparse.ArgumentParser(prog="mpirouter", description="MoE routers that follow their experts (MPI).")
+    p = argparse.ArgumentParser(prog="mpirouter", description="MoE routers that follow their experts (MPI).", allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"mpirouter {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    add = lambda name, fn, help: sub.add_parser(name, help=help, description=fn.__doc__, formatter_class=_HelpFormatter,  # noqa: E731
+                                                allow_abbrev=False)
+    data_help = "text file, directory or .jsonl (default: embedded Shakespeare)"
+    tok_help = "byte | bpe | path/to/tokenizer.json"
 
-    t = sub.add_parser("train", help="train an MoE LM", description=cmd_train.__doc__)
+    t = add("train", cmd_train, "train an MoE LM")
     t.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size")
     t.add_argument("--router", default="mpi", choices=ROUTER_KINDS, help="router variant")
     t.add_argument("--scale", type=float, default=1.0, help="MPI scale C' (C = C'/sqrt(E))")
     t.add_argument("--target", default="gate", choices=POWER_TARGETS, help="expert matrix driving the power step")
-    t.add_argument("--data", default=None, help="text file, directory or .jsonl (default: embedded Shakespeare)")
-    t.add_argument("--tokenizer", default="byte", help="byte | bpe | path/to/tokenizer.json")
-    t.add_argument("--steps", type=int, default=500)
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--data", default=None, help=data_help)
+    t.add_argument("--tokenizer", default="byte", help=tok_help)
+    t.add_argument("--steps", type=int, default=500, help="optimizer steps in total")
+    t.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     t.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw | muon | adamh | muonh (Hyperball)")
     t.add_argument("--lr", type=float, default=None, help="peak lr (default: the optimizer's, mpirouter.optim.DEFAULT_LR)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--out", default=None, help="run folder (default runs/PRESET-ROUTER-sSEED)")
-    t.add_argument("--config", default=None, help="a TrainConfig JSON (e.g. a run's config.json) instead of the flags")
+    t.add_argument("--config", default=None, help="start from a TrainConfig JSON (e.g. a run's config.json); flags given win")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. model.moe.top_k=4")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--force", action="store_true", help="if --out holds a run, move it aside (never deleted) and start anew")
     t.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step; resume later")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("checkpoint", help="run folder or checkpoint folder")
-    s.add_argument("--prompt", default="\n")
-    s.add_argument("--tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=None)
+    s = add("sample", cmd_sample, "generate text from a checkpoint")
+    s.add_argument("checkpoint", help="run folder, checkpoint folder or export")
+    s.add_argument("--prompt", default="\n", help="text to continue ('' = from a newline, printing only the continuation)")
+    s.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("export", help="fold MPI routers into a plain checkpoint")
-    e.add_argument("checkpoint")
-    e.add_argument("--out", required=True)
+    e = add("export", cmd_export, "fold MPI routers into a plain checkpoint")
+    e.add_argument("checkpoint", help="run folder or checkpoint folder")
+    e.add_argument("--out", required=True, help="new folder for the export")
+    e.add_argument("--force", action="store_true", help="replace --out if it is an earlier export (nothing else is ever replaced)")
     e.add_argument("--no-verify", action="store_true", help="skip the folded-vs-original logits check")
     e.set_defaults(func=cmd_export)
 
-    i = sub.add_parser("inspect", help="per-layer/per-expert alignment, load and norms of a checkpoint")
+    i = add("inspect", cmd_inspect, "per-layer/per-expert alignment, load and norms of a checkpoint")
     i.add_argument("checkpoint")
-    i.add_argument("--batches", type=int, default=8, help="validation batches used to measure expert load")
+    i.add_argument("--batches", type=int, default=8, help="validation batches used to measure expert load (0: skip)")
     i.add_argument("--layers-only", action="store_true", help="one row per layer, no per-expert rows")
     i.set_defaults(func=cmd_inspect)
 
-    b = sub.add_parser("bench", help="MoE layer and router speed, side by side")
-    b.add_argument("--shapes", default="tiny,small,fine")
-    b.add_argument("--reps", type=int, default=5)
+    b = add("bench", cmd_bench, "MoE layer and router speed, side by side")
+    b.add_argument("--shapes", default="tiny,small,fine", help="comma-separated layer shapes")
+    b.add_argument("--reps", type=int, default=5, help="timed repetitions (medians reported)")
     b.add_argument("--router-preset", default="tiny", help="model preset for the router-share measurement ('' to skip)")
     b.add_argument("--json", default=None, help="also write the numbers to this file")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="train linear and mpi routers side by side and compare")
-    d.add_argument("--out", default="runs/demo")
+    d = add("demo", cmd_demo, "train linear and mpi routers side by side and compare")
+    d.add_argument("--out", default="runs/demo", help="output folder (an earlier demo there is moved aside)")
     d.add_argument("--steps", type=int, default=600)
     d.add_argument("--routers", default="linear,mpi")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    d.add_argument("--data", default=None, help=data_help)
+    d.add_argument("--tokenizer", default="byte", help=tok_help)
     d.set_defaults(func=cmd_demo)
 
     from .compare import add_arguments as compare_arguments
 
-    c = sub.add_parser("compare", help="matched grid: routers x seeds (x optimizers x C'), report.md + plots")
+    c = add("compare", cmd_compare, "matched grid: routers x seeds (x optimizers x C' x lr), report.md + plots")
     compare_arguments(c)
     c.set_defaults(func=cmd_compare)
+    p.subcommands = sub.choices
     return p
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # only the console script re-execs; in-process callers (tests) keep their process
         argv = sys.argv[1:]
         _maybe_reexec(argv)
-    args = build_parser().parse_args(argv)
-    from .train import NonFiniteLossError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.explicit = explicit_flags(parser.subcommands[args.command], argv[argv.index(args.command) + 1:])
+    from .rundir import RunLockedError
+    from .train import NonFiniteLossError, TrainingInterrupted
 
+    where = f"mpirouter {args.command}"
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mpirouter {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except TrainingInterrupted as e:
+        again = "run the same mpirouter compare command again" if args.command == "compare" else \
+            f"mpirouter train --resume --out {shlex.quote(str(e.run_dir))}"
+        print(f"{where}: {e}; to continue: {again}", file=sys.stderr)
+        return e.exit_code
     except NonFiniteLossError as e:
-        print(f"mpirouter {args.command}: training stopped: {e}", file=sys.stderr)
+        print(f"{where}: training stopped: {_one_line(e)}", file=sys.stderr)
         return 3
+    except (ValueError, OSError, RunLockedError) as e:
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{where}: aborted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from typing import Iterator, Literal, Protocol, Sequence
 
 import torch
 
+from .config import check_number, show_value
+
 __all__ = [
     "DataConfig",
     "Corpus",
@@ -59,6 +61,15 @@ class DataConfig:
     """Share of the corpus (its last characters) held out for validation; in (0, 1)."""
     cache_dir: str | None = None
     """Where trained BPE tokenizers are cached (None: ~/.cache/mpirouter)."""
+
+    def __post_init__(self) -> None:
+        # checked here, not only where they are used, so a bad value fails before any corpus is read
+        for name in ("jsonl_field", "tokenizer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {show_value(value)}")
+        check_number("val_fraction", self.val_fraction, gt=0, lt=1)
+        check_number("bpe_vocab_size", self.bpe_vocab_size, integer=True, gt=256)  # 256 bytes are the base alphabet
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class MetricsWriter:
             self.path.write_text("")
         elif truncate_after_step is not None:
             # The interrupted run may have logged steps after its last checkpoint; the resumed run redoes them.
-            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= truncate_after_step and r.get("event") != "timing"]
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= truncate_after_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")
         self._tb = None

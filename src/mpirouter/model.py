@@ -8,6 +8,7 @@ embeddings -> n_layers x [RMSNorm -> causal attention (RoPE, SDPA) -> +, RMSNorm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_number, from_dict, show_value
 from .moe import MoE, MoEConfig, MoEStats
 
 
@@ -48,16 +50,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**self.moe)
-        if self.n_heads < 1 or self.dim % self.n_heads != 0:
+            self.moe = from_dict(MoEConfig, self.moe, "moe")
+        elif not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"moe must be a MoEConfig or a dict of its fields, got {show_value(self.moe)}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            check_number(name, getattr(self, name), integer=True, ge=1)
+        if self.dim % self.n_heads != 0:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head width dim/n_heads={self.dim // self.n_heads} must be even for RoPE")
-        if not 0 <= self.n_dense_layers <= self.n_layers:
-            raise ValueError(f"n_dense_layers={self.n_dense_layers} must be in [0, n_layers={self.n_layers}]")
-        for name in ("vocab_size", "dim", "n_layers", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_number("n_dense_layers", self.n_dense_layers, integer=True, ge=0, le=self.n_layers, upper_name=f"n_layers={self.n_layers}")
+        check_number("dense_hidden", self.dense_hidden, integer=True, ge=1, optional=True)
+        check_number("rope_theta", self.rope_theta, gt=0)
+        # > 0, not >= 0: with eps = 0 an all-zero hidden state normalizes to 0/0 = NaN
+        check_number("norm_eps", self.norm_eps, gt=0)
 
 
 # Named model sizes. `tiny` trains in a few minutes on 2 CPU cores; `medium`/`large` are for a GPU.
@@ -217,9 +223,15 @@ class MoELM(nn.Module):
 
     @torch.no_grad()
     def fold_routers(self) -> None:
-        """Fold every router into a plain linear router (φ computed once): the export form."""
-        for moe in self.moe_layers():
+        """Fold every router into a plain linear router (φ computed once): the export form.
+
+        `self.config` becomes a new ModelConfig saying so; the one the model was built from is left as it was.
+        """
+        layers = self.moe_layers()
+        for moe in layers:
             moe.fold_router()
+        if layers:
+            self.config = dataclasses.replace(self.config, moe=layers[0].config)
 
     def num_params(self) -> dict[str, int]:
         """Total and active (per token) parameter counts; shared tied weights counted once."""
@@ -234,6 +246,9 @@ class MoELM(nn.Module):
     @torch.no_grad()
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample continuations (no KV cache: these models are small). temperature 0 = greedy."""
+        check_number("max_new_tokens", max_new_tokens, integer=True, ge=0)
+        check_number("temperature", temperature, ge=0)
+        check_number("top_k", top_k, integer=True, ge=1, optional=True)
         for _ in range(max_new_tokens):
             logits = self(idx_BS[:, -self.config.max_seq_len :]).logits[:, -1, :].float()
             if temperature <= 0:

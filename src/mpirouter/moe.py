@@ -15,6 +15,7 @@ block of rows (no Python loop over tokens, no capacity, no dropped tokens).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_number, from_dict, show_value
 from .routers import Router, RouterConfig, alignment, select_target
 
 Dispatch = Literal["auto", "loop", "grouped_mm"]
@@ -53,13 +55,14 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
-            self.router = RouterConfig(**self.router)
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if self.hidden < 1:
-            raise ValueError(f"expert hidden size must be >= 1, got {self.hidden}")
+            self.router = from_dict(RouterConfig, self.router, "router")
+        elif not isinstance(self.router, RouterConfig):
+            raise ValueError(f"router must be a RouterConfig or a dict of its fields, got {show_value(self.router)}")
+        check_number("num_experts", self.num_experts, integer=True, ge=1)
+        check_number("top_k", self.top_k, integer=True, ge=1, le=self.num_experts, upper_name=f"num_experts={self.num_experts}")
+        check_number("hidden (expert hidden size)", self.hidden, integer=True, ge=1)
+        check_number("aux_loss_coef", self.aux_loss_coef, ge=0)
+        check_number("z_loss_coef", self.z_loss_coef, ge=0)
         if self.aux_loss_scope not in ("sequence", "batch"):
             raise ValueError(f"aux_loss_scope must be 'sequence' or 'batch', got {self.aux_loss_scope!r}")
         if self.dispatch not in ("auto", "loop", "grouped_mm"):
@@ -103,6 +106,7 @@ class MoEOutput(NamedTuple):
 
 def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
     """Softmax over all experts in float32, top-k, optional renormalization (PAPER.md, "MoE layer")."""
+    check_number("top_k", top_k, integer=True, ge=1, le=logits_TE.shape[-1], upper_name=f"num_experts={logits_TE.shape[-1]}")
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
     if renormalize:
@@ -286,6 +290,8 @@ class MoE(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> MoEOutput:
         cfg = self.config
         B, S, D = x_BSD.shape
+        if B * S == 0:
+            return self._empty_output(x_BSD)
         x_TD = x_BSD.reshape(B * S, D)
         logits_TE = self.router(x_TD, self.w_gate, self.w_up)
         routing = route(logits_TE, cfg.top_k, cfg.renormalize)
@@ -307,6 +313,19 @@ class MoE(nn.Module):
             )
         return MoEOutput(out_TD.view(B, S, D).to(x_BSD.dtype), stats)
 
+    def _empty_output(self, x_BSD: torch.Tensor) -> MoEOutput:
+        """No tokens: an empty output and zero stats (the losses' means over no tokens would be NaN)."""
+        zero = torch.zeros((), device=x_BSD.device, dtype=torch.float32)
+        stats = MoEStats(
+            tokens_per_expert_E=torch.zeros(self.config.num_experts, device=x_BSD.device, dtype=torch.int64),
+            max_vio=zero.clone(),
+            aux_loss=zero.clone(),
+            z_loss=zero.clone(),
+            entropy=zero.clone(),
+        )
+        # x * 0 rather than new zeros: it stays on x's graph, so a caller's backward through the output works
+        return MoEOutput(x_BSD * 0, stats)
+
     @torch.no_grad()
     def post_step(self) -> None:
         """Hook run after every optimizer step (and at init): the `mpi-inplace` router update."""
@@ -325,7 +344,8 @@ class MoE(nn.Module):
     def fold_router(self) -> None:
         """Replace the router by a plain linear router with weight φ (zero inference overhead)."""
         self.router = self.router.fold(self.w_gate, self.w_up)
-        self.config.router = self.router.config
+        # a new config: the old one is shared with the other layers and the caller's ModelConfig
+        self.config = dataclasses.replace(self.config, router=self.router.config)
 
 
 def naive_moe_reference(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_number
+
 RouterKind = Literal["linear", "mpi", "power", "retract", "mpi-inplace"]
 PowerTarget = Literal["gate", "up", "gate_up"]
 
@@ -46,10 +48,8 @@ def mpi_scale(num_experts: int, scale_prime: float = 1.0) -> float:
     Dividing by sqrt(N) keeps the logit scale independent of the number of experts;
     the authors' code hard-codes C = 0.125, i.e. C' = 1 at N = 64.
     """
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if not scale_prime > 0:
-        raise ValueError(f"MPI scale C' must be > 0, got {scale_prime}")
+    check_number("num_experts", num_experts, integer=True, ge=1)
+    check_number("MPI scale C'", scale_prime, gt=0)
     return scale_prime / math.sqrt(num_experts)
 
 
@@ -80,10 +80,13 @@ def retract(v_ED: torch.Tensor, scale: float) -> torch.Tensor:
 
     A degenerate row (norm ≤ 1e-20, e.g. an all-zero router row, or one orthogonal to its
     expert's row space) maps to the zero row with zero gradient instead of NaN or an
-    exploding 1/eps gradient: that expert simply gets logit 0.
+    exploding 1/eps gradient: that expert simply gets logit 0. A row with NaN (or inf) in it
+    is not degenerate: it stays non-finite, so broken weights show up as NaN logits instead
+    of a valid-looking logit 0.
     """
     norm_E1 = torch.linalg.vector_norm(v_ED, dim=-1, keepdim=True)
-    ok_E1 = norm_E1 > DEGENERATE_NORM
+    # written as ~(norm <= eps), not norm > eps: a NaN norm must count as "ok" and propagate
+    ok_E1 = ~(norm_E1 <= DEGENERATE_NORM)
     safe_norm_E1 = torch.where(ok_E1, norm_E1, torch.ones_like(norm_E1))
     return torch.where(ok_E1, v_ED * (scale / safe_norm_E1), torch.zeros_like(v_ED))
 
@@ -180,8 +183,7 @@ class RouterConfig:
             raise ValueError(f"unknown router kind {self.kind!r}; choose one of {', '.join(ROUTER_KINDS)}")
         if self.target not in POWER_TARGETS:
             raise ValueError(f"unknown power target {self.target!r}; choose one of {', '.join(POWER_TARGETS)}")
-        if not self.scale_prime > 0:
-            raise ValueError(f"router scale_prime (C') must be > 0, got {self.scale_prime}")
+        check_number("scale_prime (C')", self.scale_prime, gt=0)
 
 
 def select_target(target: str, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

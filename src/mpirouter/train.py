@@ -9,8 +9,12 @@ would have seen, and two runs with the same seed but different routers see the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import signal
+import sys
+import threading
 import shutil
 import statistics
 import time
@@ -21,14 +25,28 @@ from typing import Literal
 import torch
 
 from . import checkpoint as ckpt
-from .config import from_dict, to_dict
+from . import provenance, rundir
+from .config import check_number, from_dict, to_dict
 from .data import ByteTokenizer, DataConfig, HFTokenizer, TokenData, Tokenizer, get_batch, iter_eval_batches, prepare_data
 from .model import ModelConfig, MoELM, preset_config
 from .moe import max_violation
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, read_metrics
 
 Precision = Literal["auto", "fp32", "bf16"]
 TOKENIZER_FILE = "tokenizer.json"
+MAX_LR = 1e3
+"""Largest accepted peak learning rate: far beyond any useful value, and well before Adam's step size
+(lr / (1 - β1), times the bias correction) overflows float32, which torch reports with a traceback."""
+
+
+def parse_device(device: str) -> torch.device | None:
+    """The torch.device named by `device` (None for "auto"); ValueError for a malformed name."""
+    if device == "auto":
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 @dataclass
@@ -86,10 +104,20 @@ class OptimConfig:
                 raise ValueError(f"optim.{field_name}={value!r} is not one of {', '.join(choices)}")
         for field_name in ("lr", "adam_lr"):
             value = getattr(self, field_name)
-            if value is not None and not value > 0:
-                raise ValueError(f"optim.{field_name} must be > 0 (or None for the default), got {value}")
-        if not 0 <= self.momentum < 1 or self.ns_steps < 1 or not self.hyperball_radius_mult > 0 or not self.hyperball_update_scale > 0:
-            raise ValueError("optim: need 0 <= momentum < 1, ns_steps >= 1, hyperball_radius_mult > 0, hyperball_update_scale > 0")
+            if value is not None:
+                check_number(f"optim.{field_name}", value, gt=0, le=MAX_LR)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers, got {list(self.betas)}")
+        for i, beta in enumerate(self.betas):
+            check_number(f"optim.betas[{i}]", beta, ge=0, lt=1)
+        check_number("optim.eps", self.eps, ge=0)
+        check_number("optim.weight_decay", self.weight_decay, ge=0)
+        if self.router_weight_decay is not None:
+            check_number("optim.router_weight_decay", self.router_weight_decay, ge=0)
+        check_number("optim.momentum", self.momentum, ge=0, lt=1)
+        check_number("optim.ns_steps", self.ns_steps, integer=True, ge=1)
+        check_number("optim.hyperball_radius_mult", self.hyperball_radius_mult, gt=0)
+        check_number("optim.hyperball_update_scale", self.hyperball_update_scale, gt=0)
 
     @property
     def peak_lr(self) -> float:
@@ -111,6 +139,11 @@ class ScheduleConfig:
     """Final learning rate as a fraction of the peak."""
     decay_fraction: float = 0.2
     """WSD only: share of the steps spent decaying."""
+
+    def __post_init__(self) -> None:
+        check_number("schedule.warmup_steps", self.warmup_steps, integer=True, ge=0)
+        check_number("schedule.min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_number("schedule.decay_fraction", self.decay_fraction, gt=0, le=1)
 
 
 @dataclass
@@ -153,10 +186,11 @@ class TrainConfig:
     """Sequences per validation batch."""
     log_every: int = 10
     """Write a training record every this many steps."""
-    ckpt_every: int = 0
-    """Checkpoint every this many steps (0: only at the end)."""
+    ckpt_every: int | None = None
+    """Checkpoint every this many steps; None: at every eval (every max(1, steps // 10) steps when
+    eval_every is 0); 0: only at the end. SIGINT/SIGTERM always finish the step and checkpoint."""
     ckpt_keep: int = 2
-    """How many checkpoints to keep."""
+    """How many checkpoints to keep (the newest)."""
     out_dir: str = "runs/default"
     """Run folder: config, metrics.jsonl, checkpoints."""
     tensorboard: bool = False
@@ -165,13 +199,28 @@ class TrainConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len is not None and not 1 <= self.seq_len <= self.model.max_seq_len:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every", "ckpt_keep"):
+            check_number(name, getattr(self, name), integer=True, ge=1)
+        check_number("eval_every", self.eval_every, integer=True, ge=0)
+        for name in ("eval_batches", "seq_len"):
+            check_number(name, getattr(self, name), integer=True, ge=1, optional=True)
+        check_number("ckpt_every", self.ckpt_every, integer=True, ge=0, optional=True)
+        check_number("seed", self.seed, integer=True, ge=0, le=2**63 - 1)
+        check_number("grad_clip", self.grad_clip, ge=0)
+        if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} must be in [1, model.max_seq_len={self.model.max_seq_len}]")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must not be empty")
+        parse_device(self.device)
+
+    @property
+    def ckpt_interval(self) -> int:
+        """Steps between periodic checkpoints (0: only at the end)."""
+        if self.ckpt_every is not None:
+            return self.ckpt_every
+        return self.eval_every or max(1, self.steps // 10)
 
     @property
     def context(self) -> int:
@@ -238,11 +287,14 @@ def build_optimizer(model: MoELM, optim: OptimConfig):
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+    """auto -> cuda if available else cpu; a named device must exist on this machine."""
+    dev = parse_device(device)
+    if dev is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -253,42 +305,69 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def resolve_config(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
+    """A new TrainConfig with the values decided at run time filled in: the tokenizer's vocabulary
+    size and the optimizer's default learning rates. `cfg` itself is not changed."""
+    from .optim import resolve_lrs
+
+    lr, adam_lr = resolve_lrs(cfg.optim)
+    optim = dataclasses.replace(cfg.optim, lr=lr, adam_lr=cfg.optim.adam_lr if cfg.optim.name == "adamw" else adam_lr)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size), optim=optim)
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MoELM:
-    cfg.model.vocab_size = vocab_size
+    """The model of `cfg` with `vocab_size` tokens, initialized from cfg.seed (cfg is not changed)."""
     torch.manual_seed(cfg.seed)
-    return MoELM(cfg.model).to(device)
+    return MoELM(dataclasses.replace(cfg.model, vocab_size=vocab_size)).to(device)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(model: MoELM, val_ids: torch.Tensor, cfg: TrainConfig, device: torch.device, max_batches: int | None = None) -> dict:
-    """Validation loss/perplexity, MaxVio per layer over the whole set, alignment per layer."""
+def evaluate(model: MoELM, val_ids: torch.Tensor, cfg: TrainConfig, device: torch.device, max_batches: int | None = None,
+             prefix_batches: int | None = None) -> dict:
+    """Validation loss/perplexity, MaxVio per layer over the batches seen, alignment per layer.
+
+    max_batches caps the pass at the first batches of the split (`val_scope` "prefix"), else the
+    whole split is read ("whole"). prefix_batches additionally reports `val_loss_prefix` and
+    `maxvio_prefix` over the first that many batches of the same pass: the capped periodic evals'
+    estimator, so a curve can use one estimator at every point (the two differ systematically).
+    """
     was_training = model.training
     model.eval()
     amp = autocast_dtype(cfg.precision, device)
-    total_loss, total_tokens = 0.0, 0
-    loads = None
+    total_loss, total_tokens, batches = 0.0, 0, 0
+    loads = prefix = None
     for x, y in iter_eval_batches(val_ids, cfg.eval_batch_size, cfg.context, max_batches):
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(x, y)
         total_loss += out.lm_loss.item() * y.numel()
         total_tokens += y.numel()
+        batches += 1
         counts = torch.stack([s.tokens_per_expert_E for s in out.moe_stats])
         loads = counts if loads is None else loads + counts
+        if batches == prefix_batches:
+            prefix = (total_loss / total_tokens, loads.clone())
     model.train(was_training)
+    whole_batches = -(-((val_ids.numel() - 1) // cfg.context) // cfg.eval_batch_size)
     val_loss = total_loss / max(1, total_tokens)
     maxvio_L = [max_violation(l).item() for l in loads] if loads is not None else []
     result = {
         "val_loss": val_loss,
         "val_ppl": math.exp(min(val_loss, 50.0)),
         "val_tokens": total_tokens,
+        "val_batches": batches,
+        "val_scope": "whole" if batches == whole_batches else "prefix",
         "maxvio_layers": maxvio_L,
         "maxvio": statistics.fmean(maxvio_L) if maxvio_L else 0.0,
         "maxvio_max": max(maxvio_L) if maxvio_L else 0.0,
     }
+    if prefix_batches is not None:
+        loss_p, loads_p = prefix if prefix is not None else (val_loss, loads)  # the split has no more batches
+        result["val_loss_prefix"] = loss_p
+        result["maxvio_prefix"] = statistics.fmean(max_violation(l).item() for l in loads_p) if loads_p is not None else 0.0
     result.update(alignment_summary(model))
     return result
 
@@ -347,44 +426,147 @@ def _train_state(optimizer, step: int, history_len: int) -> dict:
     }
 
 
-def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, stop_at: int | None = None) -> TrainResult:
-    """Run (or resume) a training job; returns when `cfg.steps` (or `stop_at`) steps are done.
+RESUMABLE_FIELDS = ("steps", "out_dir", "device", "compile", "progress", "log_every", "eval_every", "eval_batches",
+                    "eval_batch_size", "ckpt_every", "ckpt_keep", "tensorboard")
+"""TrainConfig fields a resumed run may change: the length of the run and how it is run, logged and
+saved. Everything else defines the model, data order or optimizer and must match the checkpoint."""
 
-    resume=True continues from the newest checkpoint in `cfg.out_dir` using that run's saved
-    config, so the continuation is exactly the uninterrupted run. `stop_at` ends this call after
-    that many steps (a checkpoint is written there), as if the job were preempted.
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: the run finished its step, wrote a checkpoint and stopped."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path, run_dir: Path):
+        self.signal_name, self.step, self.checkpoint, self.run_dir = signal_name, step, checkpoint, run_dir
+        super().__init__(f"{signal_name} received: stopped after step {step}, checkpoint written to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.Signals[self.signal_name].value
+
+
+class _StopOnSignal:
+    """While training: the first SIGINT/SIGTERM asks the loop to stop after the current step; a second aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "_StopOnSignal":
+        self.requested: str | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: finishing this step and writing a checkpoint (send it again to abort now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
+    """ValueError naming every field that differs from the checkpoint's config and may not change on resume."""
+    old, new = _flat(saved), _flat(json.loads(json.dumps(to_dict(cfg))))
+    diff = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
+            if k.split(".")[0] not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]
+    if diff:
+        raise ValueError(f"cannot change on resume: {', '.join(diff)}; a resumed run may change only "
+                         f"{', '.join(RESUMABLE_FIELDS)} (start a new run to change the rest)")
+
+
+def _last_good(run_dir: Path) -> str:
+    last = ckpt.last_finite_checkpoint(run_dir)
+    return f"Last good checkpoint (weights verified finite): {last}" if last else "No checkpoint was written yet."
+
+
+def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, stop_at: int | None = None,
+          force: bool = False, say=print) -> TrainResult:
+    """Run (or resume) a training job in `cfg.out_dir`; returns when `cfg.steps` (or `stop_at`) steps are done.
+
+    A new run refuses a folder that already holds a run (force=True moves that run aside first).
+    resume=True continues from the newest readable checkpoint in `cfg.out_dir` (the folder given, not
+    the one recorded in the checkpoint); `cfg` must match the checkpoint's config except in
+    RESUMABLE_FIELDS, and a different `steps` extends or shortens the run (the schedule is recomputed
+    for the new total, which `say` reports). `stop_at` ends this call after that many steps (a
+    checkpoint is written there), as if the job were preempted; so does SIGINT/SIGTERM
+    (TrainingInterrupted). The folder is locked against a second job for the whole call.
     """
+    if stop_at is not None:
+        check_number("stop_at", stop_at, integer=True, ge=1)
     run_dir = Path(cfg.out_dir)
+    lock = rundir.lock_existing_run(run_dir) if resume else rundir.claim_new_run(run_dir, force, say)
+    try:
+        with _StopOnSignal() as stop:
+            return _run(cfg, data, resume, stop_at, run_dir, stop, say)
+    finally:
+        lock.release()
+
+
+def _run(cfg: TrainConfig, data: TokenData | None, resume: bool, stop_at: int | None, run_dir: Path,
+         stop: _StopOnSignal, say) -> TrainResult:
     state = None
     if resume:
-        saved, tensors, state = ckpt.load_checkpoint(run_dir)
-        cfg = from_dict(TrainConfig, saved)
+        for leftover in ckpt.remove_stale_temporaries(run_dir):
+            say(f"removed {leftover}, left by an interrupted save")
+        saved, tensors, state = ckpt.load_checkpoint(run_dir, fallback=True, say=say)
         if state is None:
             raise ValueError(f"checkpoint in {run_dir} has no training state; cannot resume")
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg.data, cfg.context)
-    model = build_model(cfg, data.tokenizer.vocab_size, device)
-    optimizer = build_optimizer(model, cfg.optim)
+    cfg = resolve_config(cfg, data.tokenizer.vocab_size)
     start_step = 0
+    if state is not None:
+        check_resume_config(saved, cfg)
+        start_step = state["step"]
+        if cfg.steps < start_step:
+            raise ValueError(f"--steps {cfg.steps} is below the checkpoint's step {start_step}; nothing to resume")
+        if cfg.steps != saved["steps"]:
+            old_lr = lr_multiplier(start_step, saved["steps"], cfg.schedule) * cfg.optim.lr
+            new_lr = lr_multiplier(start_step, cfg.steps, cfg.schedule) * cfg.optim.lr
+            say(f"{'extending' if cfg.steps > saved['steps'] else 'shortening'} the run from {saved['steps']} to {cfg.steps} steps: "
+                f"the {cfg.schedule.kind} schedule is recomputed for {cfg.steps} steps, so the lr at step {start_step} "
+                f"moves from {old_lr:.3g} to {new_lr:.3g}")
+        elif start_step == cfg.steps:
+            history = read_metrics(run_dir)
+            final = next(({k: v for k, v in r.items() if k not in ("event", "step", "tokens")} for r in reversed(history)
+                          if r.get("event") == "eval" and r.get("step") == start_step), None)
+            timing = next((r for r in reversed(history) if r.get("event") == "timing"), {})
+            say(f"{run_dir} already finished its {cfg.steps} steps; nothing to do (pass --steps N to extend it)")
+            med = timing.get("step_time_median_s", float("nan"))
+            return TrainResult(run_dir, start_step, final, history, med, timing.get("tokens_per_s", 0.0))
+    model = build_model(cfg, cfg.model.vocab_size, device)
+    optimizer = build_optimizer(model, cfg.optim)
     if state is not None:
         ckpt.load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_step = state["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = to_dict(cfg)
     ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
     if getattr(data.tokenizer, "path", None):  # keep a trained/loaded tokenizer with the run for `sample`
         shutil.copyfile(data.tokenizer.path, run_dir / TOKENIZER_FILE)
     metrics = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, truncate_after_step=start_step if resume else None, fresh=not resume)
+    env = provenance.environment(str(device))
     if not resume:
         counts = model.num_params()
         metrics.write({"event": "start", "step": 0, "params_total": counts["total"], "params_active": counts["active"],
                        "corpus": data.corpus.name, "corpus_sha256": data.corpus.sha256, "tokenizer": data.tokenizer.name,
                        "train_tokens": int(data.train_ids.numel()), "val_tokens": int(data.val_ids.numel()),
-                       "device": str(device), "torch": torch.__version__})
+                       **env, "device": str(device)})
+    else:
+        metrics.write({"event": "resume", "step": start_step, **env, "device": str(device)})
     fwd_model = torch.compile(model) if cfg.compile else model
     amp = autocast_dtype(cfg.precision, device)
     end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
@@ -392,64 +574,77 @@ def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False,
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context
     final_eval = None
     bar = _progress(cfg, start_step)
+
+    def save(done: int) -> Path:
+        try:
+            return ckpt.save_checkpoint(run_dir, done, model, config_dict, _train_state(optimizer, done, 0), keep=cfg.ckpt_keep)
+        except ckpt.NonFiniteWeightsError:
+            raise NonFiniteLossError(f"weights became non-finite at step {done} (after the optimizer update); stopping "
+                                     f"without a checkpoint. {_last_good(run_dir)}") from None
+
     model.train()
-    for step in range(start_step, end_step):
-        lr = cfg.optim.lr * lr_multiplier(step, cfg.steps, cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sync(device)
-        t0 = time.perf_counter()
-        loss_sum = lm_sum = aux_sum = 0.0
-        vio = []
-        for micro in range(cfg.grad_accum):
-            x, y = get_batch(data.train_ids, cfg.batch_size, cfg.context, cfg.seed, step * cfg.grad_accum + micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                out = fwd_model(x, y)
-            loss = out.loss / cfg.grad_accum
-            if not torch.isfinite(out.loss):
-                last = ckpt.resolve_checkpoint(run_dir) if (run_dir / "checkpoints" / ckpt.LATEST).exists() else None
-                raise NonFiniteLossError(
-                    f"loss became {out.loss.item()} at step {step}; stopping. "
-                    + (f"Last good checkpoint (untouched): {last}" if last else "No checkpoint was written yet.")
-                )
-            loss.backward()
-            loss_sum += out.loss.item()
-            lm_sum += out.lm_loss.item()
-            aux_sum += out.aux_loss.item()
-            vio.append(statistics.fmean(s.max_vio.item() for s in out.moe_stats) if out.moe_stats else 0.0)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"gradient norm became {grad_norm.item()} at step {step}; stopping before the update.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.post_step()
-        sync(device)
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        done = step + 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{lm_sum / cfg.grad_accum:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics.write({"event": "train", "step": done, "loss": loss_sum / cfg.grad_accum, "lm_loss": lm_sum / cfg.grad_accum,
-                           "aux_loss": aux_sum / cfg.grad_accum, "maxvio_batch": statistics.fmean(vio), "lr": lr,
-                           "grad_norm": grad_norm.item(), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                           "tokens": done * tokens_per_step})
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-            final_eval = evaluate(model, data.val_ids, cfg, device, None if done == cfg.steps else cfg.eval_batches)
-            metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
+    try:
+        for step in range(start_step, end_step):
+            lr = cfg.optim.lr * lr_multiplier(step, cfg.steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sync(device)
+            t0 = time.perf_counter()
+            loss_sum = lm_sum = aux_sum = 0.0
+            vio = []
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(data.train_ids, cfg.batch_size, cfg.context, cfg.seed, step * cfg.grad_accum + micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    out = fwd_model(x, y)
+                loss = out.loss / cfg.grad_accum
+                if not torch.isfinite(out.loss):
+                    raise NonFiniteLossError(f"loss became {out.loss.item()} at step {step}; stopping. {_last_good(run_dir)}")
+                loss.backward()
+                loss_sum += out.loss.item()
+                lm_sum += out.lm_loss.item()
+                aux_sum += out.aux_loss.item()
+                vio.append(statistics.fmean(s.max_vio.item() for s in out.moe_stats) if out.moe_stats else 0.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(f"gradient norm became {grad_norm.item()} at step {step}; stopping before the update. "
+                                         f"{_last_good(run_dir)}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.post_step()
+            sync(device)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            done = step + 1
             if bar is not None:
-                bar.set_postfix(loss=f"{lm_sum / cfg.grad_accum:.3f}", val=f"{final_eval['val_loss']:.3f}")
-        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == end_step:
-            ckpt.save_checkpoint(run_dir, done, model, config_dict, _train_state(optimizer, done, 0), keep=cfg.ckpt_keep)
-    if bar is not None:
-        bar.close()
-    med = statistics.median(step_times) if step_times else float("nan")
-    if end_step == cfg.steps and step_times:
-        metrics.write({"event": "timing", "step": end_step, "step_time_median_s": med, "tokens_per_s": tokens_per_step / med,
-                       "router_ms": router_cost_ms(model), "step_ms": 1000 * med})
-    metrics.close()
+                bar.update(1)
+                bar.set_postfix(loss=f"{lm_sum / cfg.grad_accum:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                metrics.write({"event": "train", "step": done, "loss": loss_sum / cfg.grad_accum, "lm_loss": lm_sum / cfg.grad_accum,
+                               "aux_loss": aux_sum / cfg.grad_accum, "maxvio_batch": statistics.fmean(vio), "lr": lr,
+                               "grad_norm": grad_norm.item(), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                               "tokens": done * tokens_per_step})
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                last = done == cfg.steps
+                final_eval = evaluate(model, data.val_ids, cfg, device, None if last else cfg.eval_batches,
+                                      prefix_batches=cfg.eval_batches if last else None)
+                metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{lm_sum / cfg.grad_accum:.3f}", val=f"{final_eval['val_loss']:.3f}")
+            if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step:
+                save(done)
+            elif stop.requested:
+                save(done)
+            if stop.requested and done < end_step:
+                raise TrainingInterrupted(stop.requested, done, ckpt.resolve_checkpoint(run_dir), run_dir)
+        med = statistics.median(step_times) if step_times else float("nan")
+        if end_step == cfg.steps and step_times:
+            metrics.write({"event": "timing", "step": end_step, "step_time_median_s": med, "tokens_per_s": tokens_per_step / med,
+                           "router_ms": router_cost_ms(model), "step_ms": 1000 * med})
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
     return TrainResult(run_dir, end_step, final_eval, metrics.read(), med, tokens_per_step / med if step_times else 0.0)
 
 

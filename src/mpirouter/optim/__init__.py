@@ -79,14 +79,11 @@ def resolve_lrs(optim: "OptimConfig") -> tuple[float, float]:
 def build_optimizer(model: torch.nn.Module, optim: "OptimConfig"):
     """The optimizer ``optim.name`` over ``model``'s parameters (grouping: `groups.param_groups`).
 
-    Fills in ``optim.lr`` / ``optim.adam_lr`` when they are None (so the training loop, which
-    reads ``optim.lr``, and the saved config see the numbers used). For adamh/muonh the wrapped
-    weights are moved onto their Hyperball spheres here.
+    Learning rates left None take the optimizer's defaults (`resolve_lrs`); ``optim`` itself is not
+    changed (`mpirouter.train.resolve_config` returns a config with them filled in). For adamh/muonh
+    the wrapped weights are moved onto their Hyperball spheres here.
     """
     lr, adam_lr = resolve_lrs(optim)
-    optim.lr = lr
-    if optim.name != "adamw":
-        optim.adam_lr = adam_lr
     groups = param_groups(model, optim, lr, adam_lr)
     betas = tuple(optim.betas)
     if optim.name == "adamw":

@@ -1,0 +1,72 @@
+"""Checkpoints: never non-finite, readable by the group, no leftovers after a failed save, fallback past a corrupt one."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+from mpirouter import checkpoint as ckpt
+from mpirouter.model import MoELM, preset_config
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return MoELM(preset_config("debug"))
+
+
+def test_weights_file_follows_the_umask_like_other_outputs(tmp_path, model):
+    old = os.umask(0o022)
+    try:
+        path = ckpt.save_checkpoint(tmp_path, 1, model, {}, {"step": 1})
+    finally:
+        os.umask(old)
+    for name in (ckpt.WEIGHTS, ckpt.CONFIG, ckpt.STATE):
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o644, name
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, model):
+    ckpt.save_checkpoint(tmp_path, 1, model, {}, {"step": 1})
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(ckpt.NonFiniteWeightsError, match="not finite at step 2"):
+        ckpt.save_checkpoint(tmp_path, 2, model, {}, {"step": 2})
+    assert ckpt.resolve_checkpoint(tmp_path).name == "step_0000001"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+
+
+def test_failed_save_removes_its_temporary_folder(tmp_path, model, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, model, {}, {"step": 1})
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(tmp_path, 2, model, {}, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+
+
+@pytest.mark.parametrize("victim", [ckpt.WEIGHTS, ckpt.STATE], ids=["weights", "train-state"])
+def test_corrupt_checkpoint_is_a_clear_error_or_falls_back_to_the_previous(tmp_path, model, victim):
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, {"step": step})
+    (tmp_path / "checkpoints" / "step_0000002" / victim).write_bytes(b"\0garbage" * 10)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="step_0000002 is unreadable"):
+        ckpt.load_checkpoint(tmp_path)
+    said = []
+    config, _, state = ckpt.load_checkpoint(tmp_path, fallback=True, say=said.append)
+    assert config == {"step": 1} and state["step"] == 1
+    assert "step_0000002" in said[0] and "step_0000001" in said[-1]
+
+
+def test_last_finite_checkpoint_skips_a_legacy_checkpoint_with_nan(tmp_path, model):
+    ckpt.save_checkpoint(tmp_path, 1, model, {}, None)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    bad = tmp_path / "checkpoints" / "step_0000002"
+    bad.mkdir()
+    ckpt.save_file(ckpt.model_tensors(model), str(bad / ckpt.WEIGHTS))  # as older versions could write it
+    (tmp_path / "checkpoints" / ckpt.LATEST).write_text(bad.name)
+    assert ckpt.last_finite_checkpoint(tmp_path).name == "step_0000001"
