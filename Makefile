@@ -7,7 +7,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mpirouter-installed
-# glibc: keep big buffers mapped between steps (shared/PERF_NOTES.md); the CLI sets it itself too.
+# glibc: keep big buffers mapped between steps (docs/performance.md); the CLI sets it itself too.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: setup demo test bench clean

@@ -14,7 +14,6 @@ import torch
 
 from mpirouter.compare import (
     CompareConfig,
-    _flatten,
     add_arguments,
     check_config,
     cli_main,
@@ -24,10 +23,13 @@ from mpirouter.compare import (
     run_grid,
     run_status,
 )
-from mpirouter.config import to_dict
+import mpirouter
+from mpirouter.config import flatten, to_dict
 from mpirouter.data import DataConfig, prepare_data
+from mpirouter.demo import demo_config
 from mpirouter.metrics import read_metrics
-from mpirouter.train import build_model, train
+from mpirouter.provenance import ENV_KEYS, cpu_model
+from mpirouter.train import TrainConfig, build_model, train
 
 STEPS = 8
 
@@ -99,8 +101,12 @@ def test_every_run_finished_with_a_timing_record(grid):
 def test_report_is_complete(grid):
     text = grid["report"].read_text()
     for needle in ("| linear | 2 |", "| mpi C'=1 | 2 |", "baseline", "(n=2)", "mpirouter compare --routers linear,mpi --seeds 0,1",
-                   "commit ", "cores", f"torch {torch.__version__}", "UTC", "router overhead", "speed-up"):
+                   "commit ", "cores", f"torch {torch.__version__}", "UTC", "router overhead", "speed-up",
+                   f"mpirouter {mpirouter.__version__}", f"{cpu_model()} (", " threads", " · cpu · ",
+                   "Curves and speed-up: validation first 2 batches", "p_Holm="):
         assert needle in text, needle
+    assert text.splitlines()[2].startswith("This report makes 1 paired comparisons against linear; 'significant' below "
+                                           "means Holm-adjusted p < 0.05 across all 1.")
     assert "incomplete" not in text
     assert "trained 1 run(s)" in text and "trained 3 run(s)" in text  # one line per call that trained something
     pngs = [line[line.index("(") + 1:-1] for line in text.splitlines() if line.startswith("![")]
@@ -111,6 +117,8 @@ def test_report_is_complete(grid):
     assert [(r["label"], r["seeds"]) for r in rows] == [("linear", [0, 1]), ("mpi C'=1", [0, 1])]
     mpi = rows[1]
     assert mpi["diff_n"] == 2 and mpi["diff"][1] <= mpi["diff"][0] <= mpi["diff"][2]
+    assert 0 < mpi["p"] <= mpi["p_holm"] <= 1 and rows[0]["p"] is None  # one comparison: Holm leaves p as is
+    assert mpi["p_holm"] == pytest.approx(mpi["p"])
     assert mpi["align"][0] > rows[0]["align"][0]  # MPI rows are aligned by construction
     assert 0 < mpi["overhead"] < 1 and mpi["step_vs_linear"] > 0
 
@@ -139,7 +147,7 @@ def test_report_lists_an_unfinished_run_and_leaves_it_out_of_the_table(grid, dat
 def test_matched_runs_share_initial_weights_and_differ_only_in_the_router(tmp_path):
     cfg = small_cfg(tmp_path, routers=["linear", "mpi", "retract", "mpi-inplace"], seeds=[0, 1])
     runs = grid_runs(cfg)
-    flat = lambda c: _flatten(json.loads(json.dumps(to_dict(c))))
+    flat = lambda c: flatten(to_dict(c))
     base = flat(runs[0].config)
     for run in runs[1:4]:  # seed 0
         diff = {k for k, v in flat(run.config).items() if base[k] != v}
@@ -191,8 +199,9 @@ def test_reusing_a_folder_trained_with_another_config_is_refused(tmp_path):
         check_config(run)
 
 
-def test_command_line_round_trips_through_the_parser(tmp_path):
-    cfg = small_cfg(tmp_path / "out dir", scales=[0.5, 1.0], warmup_steps=3, eval_batches=None, lrs=[])
+@pytest.mark.parametrize("kw", [dict(), dict(data="my corpus/x.txt", tokenizer="bpe")], ids=["embedded-corpus", "custom-data"])
+def test_command_line_round_trips_through_the_parser(tmp_path, kw):
+    cfg = small_cfg(tmp_path / "out dir", scales=[0.5, 1.0], warmup_steps=3, eval_batches=None, lrs=[], **kw)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     argv = shlex.split(command_line(cfg))
@@ -221,3 +230,50 @@ def test_lr_sweep_split_over_two_calls_sharing_one_folder(data, tmp_path):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="learning rates must be > 0"):
         small_cfg(out, lrs=[0.0])
+
+
+def test_compare_trains_on_the_data_given_with_data(tmp_path):
+    words = ["router", "expert", "gate", "token", "power", "manifold", "iteration", "sparse", "mixture", "loss"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(words[(i * 7 + j * 3) % 10] for j in range(12)) for i in range(800)))  # ~60 KB
+    out = tmp_path / "g"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--routers", "linear", "--seeds", "0", "--preset", "debug", "--steps", "2", "--batch-size", "2",
+                              "--eval-every", "0", "--data", str(corpus), "--out", str(out), "--no-progress",
+                              "--set", "eval_batch_size=64", "--set", "model.max_seq_len=32"])
+    assert cli_main(args) == 0
+    saved = json.loads((out / "debug" / "adamw" / "linear" / "seed0" / "config.json").read_text())
+    assert saved["data"]["path"] == str(corpus) and saved["data"]["tokenizer"] == "byte"
+    start = read_metrics(out / "debug" / "adamw" / "linear" / "seed0")[0]
+    assert start["corpus"] != DataConfig().path and str(corpus) in start["corpus"]
+    session = json.loads(next((out / "sessions").glob("*.json")).read_text())
+    assert set(ENV_KEYS) <= set(session) and "--data " + str(corpus) in session["command"]
+
+
+def test_demo_config_takes_data_and_tokenizer_and_keeps_its_defaults(tmp_path):
+    default = demo_config("mpi", 60, 0, tmp_path)
+    assert default.data == DataConfig() and default.data == TrainConfig().data  # the demo's numbers stay the same
+    custom = demo_config("mpi", 60, 0, tmp_path, data_path="x.jsonl", tokenizer="bpe")
+    assert (custom.data.path, custom.data.tokenizer) == ("x.jsonl", "bpe")
+    assert dataclasses.replace(custom, data=DataConfig()) == default
+
+
+def test_run_stopped_before_its_first_checkpoint_restarts_and_a_locked_run_is_skipped(tmp_path, data):
+    from mpirouter.rundir import RunLock
+
+    cfg = small_cfg(tmp_path / "g", routers=["linear"], seeds=[0, 1])
+    first, second = grid_runs(cfg)
+    first.run_dir.mkdir(parents=True)
+    (first.run_dir / "config.json").write_text(json.dumps(to_dict(first.config)))
+    (first.run_dir / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n')  # killed before any checkpoint
+    second.run_dir.mkdir(parents=True)
+    log = io.StringIO()
+    with RunLock(second.run_dir), contextlib.redirect_stdout(log):
+        run_grid(cfg, data=data)
+    aside = [p for p in first.run_dir.parent.iterdir() if ".old-" in p.name]
+    assert run_status(first.run_dir, STEPS)[0] == "done" and len(aside) == 1
+    assert (aside[0] / "metrics.jsonl").read_text() == '{"event": "start", "step": 0}\n'
+    assert "linear seed 1 [adamw lr 0.01]: being trained by another process, skipped" in log.getvalue()
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    assert [r["seeds"] for s in report["sections"] for r in s["rows"]] == [[0]]  # the moved-aside start is not a run

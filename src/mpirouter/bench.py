@@ -4,7 +4,7 @@
     mpirouter bench --shapes small --reps 7
 
 Everything in one table is measured in the same process, interleaved rep by rep, and reported
-as medians (shared/PERF_NOTES.md: these machines are noisy by ±5-15%; trust ratios, not ms).
+as medians (docs/performance.md: these machines are noisy by ±5-15%; trust ratios, not ms).
 
 Rows per shape (forward + backward of one MoE layer, router included):
     sorted/loop        this package, dispatch="loop"
@@ -40,7 +40,7 @@ class BenchShape:
     tokens: int
 
 
-# A/B/C of shared/PERF_NOTES.md, so the numbers can be compared with its anchors.
+# tiny/small/fine: one narrow, one wide and one fine-grained (many small experts) layer.
 SHAPES: dict[str, BenchShape] = {
     "debug": BenchShape(64, 4, 2, 64, 256),
     "tiny": BenchShape(256, 8, 2, 512, 4096),

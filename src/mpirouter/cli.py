@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 # glibc returns big (>=32 MB) buffers to the OS on every free and page-faults them back on the
-# next step; MoE dispatch buffers hit this every step (20-60% slower, shared/PERF_NOTES.md).
+# next step; MoE dispatch buffers hit this every step (20-60% slower, docs/performance.md).
 # The setting only takes effect at process start, hence the re-exec in `main`.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 

@@ -3,6 +3,7 @@
     mpirouter compare --preset tiny --routers linear,mpi --seeds 0,1,2 --steps 600 --out runs/compare
     mpirouter compare --out runs/compare --report-only          # rebuild report.md from the run folders
     mpirouter compare --routers linear,mpi --lr 1.5e-3,3e-3,6e-3 --scales 0.5,1,2 --out runs/sweep   # a fair sweep
+    mpirouter compare --data corpus/ --tokenizer bpe --out runs/compare-corpus   # another corpus, as in `train`
 
 Runs with the same seed are matched: the same batches in the same order (batches are a pure
 function of (seed, step)) and the same initial weights for every parameter the routers share
@@ -28,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import atomic_write_text, resolve_checkpoint
-from .config import apply_overrides, to_dict
+from .config import apply_overrides, flatten, to_dict
 from .metrics import read_metrics
-from .report import SCALE_FREE, SESSIONS, environment, variant_label, write_report
+from .provenance import environment
+from .rundir import RunLockedError
+from .report import SCALE_FREE, SESSIONS, variant_label, write_report
 
 GRID_KEYS = ("model.moe.router.kind", "model.moe.router.scale_prime", "optim.name", "optim.lr", "seed", "out_dir")
 """Config fields the grid sets itself; `overrides` may not touch them."""
@@ -55,6 +58,10 @@ class CompareConfig:
     """Optimizer steps per run."""
     batch_size: int = 16
     """Sequences per step."""
+    data: str | None = None
+    """Corpus of every run: a text file, directory or .jsonl (None: the embedded Shakespeare)."""
+    tokenizer: str = "byte"
+    """Tokenizer of every run: byte | bpe | path/to/tokenizer.json."""
     lrs: list[float] = field(default_factory=list)
     """Peak learning rates, each a grid axis value for every optimizer (empty: each optimizer's own default)."""
     warmup_steps: int | None = None
@@ -91,6 +98,8 @@ class CompareConfig:
             raise ValueError(f"compare: learning rates must be > 0, got {self.lrs}")
         if self.steps < 1:
             raise ValueError(f"compare: steps must be >= 1, got {self.steps}")
+        if not self.tokenizer:
+            raise ValueError("compare: tokenizer must not be empty (byte | bpe | path/to/tokenizer.json)")
 
 
 @dataclass
@@ -117,6 +126,7 @@ class GridRun:
 def run_config(cfg: CompareConfig, router: str, seed: int, optimizer: str, scale: float | None,
                lr: float | None = None) -> "TrainConfig":  # noqa: F821
     """The TrainConfig of one grid cell (overrides first, then the grid's own keys)."""
+    from .data import DataConfig
     from .model import preset_config
     from .routers import RouterConfig
     from .train import OptimConfig, ScheduleConfig, TrainConfig
@@ -125,7 +135,8 @@ def run_config(cfg: CompareConfig, router: str, seed: int, optimizer: str, scale
     opt_folder = optimizer if lr is None else f"{optimizer}-lr{lr:g}"
     warmup = min(50, cfg.steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
     base = TrainConfig(model=preset_config(cfg.preset, moe=dict(router=RouterConfig(kind=router))), preset=cfg.preset,
-                       optim=OptimConfig(), schedule=ScheduleConfig(warmup_steps=warmup), steps=cfg.steps,
+                       data=DataConfig(path=cfg.data, tokenizer=cfg.tokenizer), optim=OptimConfig(),
+                       schedule=ScheduleConfig(warmup_steps=warmup), steps=cfg.steps,
                        batch_size=cfg.batch_size, eval_every=cfg.eval_every, eval_batches=cfg.eval_batches,
                        ckpt_every=cfg.ckpt_every or cfg.eval_every or max(1, cfg.steps // 10), ckpt_keep=1, progress=cfg.progress)
     grid = [f"model.moe.router.kind={router}", f"optim.name={optimizer}", f"seed={seed}",
@@ -161,19 +172,12 @@ def run_status(run_dir: Path, steps: int) -> tuple[str, int]:
     return ("done" if step >= steps else "partial"), step
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_config(run: GridRun) -> None:
     """Refuse to reuse a run folder that was trained with a different config (None = a default resolved at run time)."""
     path = run.run_dir / "config.json"
     if not path.is_file():
         return
-    saved, wanted = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(to_dict(run.config))))
+    saved, wanted = flatten(json.loads(path.read_text())), flatten(to_dict(run.config))
     diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
             if k not in _UNCHECKED and saved.get(k) != wanted.get(k) and not (wanted.get(k) is None and k in saved)]
     if diff:
@@ -188,6 +192,8 @@ def command_line(cfg: CompareConfig) -> str:
             "--batch-size", str(cfg.batch_size), "--eval-every", str(cfg.eval_every),
             "--eval-batches", str(cfg.eval_batches), "--out", cfg.out_dir]
     args += ["--lr", _join(cfg.lrs)] if cfg.lrs else []
+    args += ["--data", cfg.data] if cfg.data is not None else []
+    args += ["--tokenizer", cfg.tokenizer] if cfg.tokenizer != "byte" else []
     args += ["--warmup-steps", str(cfg.warmup_steps)] if cfg.warmup_steps is not None else []
     args += ["--ckpt-every", str(cfg.ckpt_every)] if cfg.ckpt_every else []
     args += [a for item in cfg.overrides for a in ("--set", item)] + ([] if cfg.progress else ["--no-progress"])
@@ -201,14 +207,15 @@ def _join(xs: list) -> str:
 def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: str | None = None) -> Path:
     """Train every unfinished run of the grid (at most `limit` this call), then write the report; returns report.md."""
     from .data import prepare_data
-    from .train import train
+    from .train import resolve_device, train
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = grid_runs(cfg)
     for run in runs:
         check_config(run)
-    session = {"command": command or command_line(cfg), **environment(), "config": to_dict(cfg), "runs_trained": []}
+    env = environment(str(resolve_device(runs[0].config.device)))
+    session = {"command": command or command_line(cfg), **env, "config": to_dict(cfg), "runs_trained": []}
     # sortable by start time, and unique even for two calls in one second from one process
     now_ns = time.time_ns()
     session_path = out / SESSIONS / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now_ns // 10**9))}-{now_ns % 10**9:09d}-{os.getpid()}.json"
@@ -230,7 +237,12 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
         eta = f", ~{_duration(left * sum(times) / len(times))} left" if times else ""
         print(f"{head}: {'resuming from step ' + str(step) if status == 'partial' else 'training'}{eta}", flush=True)
         t0 = time.perf_counter()
-        result = train(run.config, data=data, resume=status == "partial")
+        try:
+            # a "new" run whose folder exists was stopped before its first checkpoint: start it again, its start moved aside
+            result = train(run.config, data=data, resume=status == "partial", force=status == "new")
+        except RunLockedError:
+            print(f"{head}: being trained by another process, skipped", flush=True)
+            continue
         times.append(time.perf_counter() - t0)
         trained += 1
         session["runs_trained"].append(str(run.run_dir.relative_to(out)))
@@ -260,6 +272,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--data", default=d.data, help="text file, directory or .jsonl (default: embedded Shakespeare)")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="byte | bpe | path/to/tokenizer.json")
     p.add_argument("--lr", "--lrs", dest="lr", default="", help="peak lr(s) for every optimizer, comma-separated to sweep "
                    "(default: each optimizer's own)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default min(50, steps // 10)")
@@ -278,6 +292,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     split = lambda s, t: [t(v.strip()) for v in s.split(",") if v.strip()]
     return CompareConfig(routers=split(args.routers, str), seeds=split(args.seeds, int), optimizers=split(args.optimizers, str),
                          scales=split(args.scales, float), preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+                         data=args.data, tokenizer=args.tokenizer,
                          lrs=split(args.lr, float), warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                          ckpt_every=args.ckpt_every, out_dir=args.out, overrides=args.set or [], progress=not args.no_progress)
 

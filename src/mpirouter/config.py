@@ -283,6 +283,14 @@ def _coerce(text: str, tp, where: str):
         raise ValueError(f"{where}: expected {describe(tp)} written as JSON, got {json.dumps(text)} ({e.msg} at column {e.colno})") from None
 
 
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"a.b.c": value}, JSON-normalized (tuples become lists), to compare configs field by field."""
+    out: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(data)).items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def apply_overrides(cfg: C, overrides: list[str]) -> C:
     """Return a copy of `cfg` with `a.b.c=value` assignments applied (types from the annotations).
 

@@ -1,4 +1,4 @@
-"""The main job: train routers side by side on the embedded corpus and compare them.
+"""The main job: train routers side by side (on the embedded corpus unless given another) and compare them.
 
     mpirouter demo                      # linear vs mpi, tiny preset, ~5 minutes on 2 CPU cores
     mpirouter demo --routers linear,mpi,retract --steps 300 --out runs/demo
@@ -10,27 +10,29 @@ same batches in the same order. Prints a table and writes runs/demo/{summary.md,
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
-from datetime import datetime, timezone
+import shlex
 from pathlib import Path
 
-import torch
-
+from . import rundir
 from .data import DataConfig, prepare_data
+from .metrics import read_metrics
 from .model import preset_config
+from .provenance import describe, environment
+from .report import eval_curve, estimator_title, pyplot
 from .routers import RouterConfig
-from .train import ScheduleConfig, TrainConfig, TrainResult, train
+from .train import ScheduleConfig, TrainConfig, TrainResult, resolve_device, train
 
 COLUMNS = ("router", "val loss", "val ppl", "MaxVio", "align φ", "align R", "tok/s", "step ms", "router ms", "router share")
 
 
-def demo_config(router: str, steps: int, seed: int, out_dir: Path, preset: str = "tiny") -> TrainConfig:
-    """The demo's run config: tiny preset, byte tokenizer, AdamW 3e-3, cosine, periodic capped evals."""
+def demo_config(router: str, steps: int, seed: int, out_dir: Path, preset: str = "tiny", data_path: str | None = None,
+                tokenizer: str = "byte") -> TrainConfig:
+    """The demo's run config: tiny preset, embedded corpus and byte tokenizer unless given (`data_path`: a text file,
+    directory or .jsonl; `tokenizer`: byte | bpe | path/to/tokenizer.json), AdamW 3e-3, cosine, periodic capped evals."""
     return TrainConfig(
         model=preset_config(preset, moe=dict(router=RouterConfig(kind=router))),
         preset=preset,
-        data=DataConfig(),
+        data=DataConfig(path=data_path, tokenizer=tokenizer),
         steps=steps,
         batch_size=16,
         seed=seed,
@@ -70,33 +72,30 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def machine_info() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    commit += "+dirty" if commit and dirty else ""  # numbers from uncommitted code must say so
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit or "unknown",
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-            "python": platform.python_version(), "torch": torch.__version__}
-
-
 def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path | None:
-    """Validation loss, training loss, MaxVio and alignment curves, one line per router."""
-    from .report import pyplot
+    """Validation loss, training loss, MaxVio and alignment curves, one line per router.
 
+    Validation loss and MaxVio are `report.eval_curve`s: one estimator at every point, named in the title.
+    """
     plt = pyplot()
     if plt is None:
         print("matplotlib is not installed; skipping the plot (pip install 'mpirouter[plot]')")
         return None
-    from .metrics import read_metrics
-
+    runs = {name: (json.loads((Path(run) / "config.json").read_text()), read_metrics(run)) for name, run in run_dirs.items()}
+    estimator = estimator_title([eval_curve(cfg, recs) for cfg, recs in runs.values()]).replace("; ", ";\n")  # fits the title
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = [("eval", "val_loss", "validation loss"), ("train", "lm_loss", "training loss (LM)"),
-              ("eval", "maxvio", "MaxVio (validation, mean over layers)"), ("eval", "align", "alignment |cos| of φ (mean over layers)")]
+    panels = [("eval", "val_loss", f"validation loss ({estimator})"), ("train", "lm_loss", "training loss (LM)"),
+              ("eval", "maxvio", f"MaxVio, mean over layers ({estimator})"), ("eval", "align", "alignment |cos| of φ (mean over layers)")]
     for ax, (event, key, title) in zip(axes.flat, panels):
-        for name, run in run_dirs.items():
-            recs = [r for r in read_metrics(run) if r.get("event") == event and key in r]
-            ax.plot([r["tokens"] / 1e6 for r in recs], [r[key] for r in recs], label=name, marker="o" if event == "eval" else None, ms=3)
-        ax.set_title(title)
+        for name, (cfg, recs) in runs.items():
+            if key in ("val_loss", "maxvio"):
+                curve = eval_curve(cfg, recs, key)
+                xs, ys = curve.tokens, curve.values
+            else:  # training records, and alignment (a function of the weights, the same at every eval)
+                picked = [r for r in recs if r.get("event") == event and key in r]
+                xs, ys = [r["tokens"] for r in picked], [r[key] for r in picked]
+            ax.plot([x / 1e6 for x in xs], ys, label=name, marker="o" if event == "eval" else None, ms=3)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("training tokens (M)")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -106,24 +105,39 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path | None:
     return path
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int = 600, routers: list[str] | None = None, seed: int = 0, preset: str = "tiny") -> list[dict]:
+def claim_demo_folder(out: Path, say=print) -> None:
+    """Make `out` an empty folder for a new demo: an earlier demo there is moved aside (never deleted), anything else refused."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is an existing file; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        earlier = (out / "summary.json").is_file() or any(rundir.is_run_folder(p) for p in out.iterdir())
+        if not earlier:
+            raise FileExistsError(f"{out} exists, is not empty and holds no earlier demo; choose another --out")
+        say(f"moved the earlier demo in {out} aside to {rundir.move_aside(out)}")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(out_dir: str = "runs/demo", steps: int = 600, routers: list[str] | None = None, seed: int = 0, preset: str = "tiny",
+             data_path: str | None = None, tokenizer: str = "byte") -> list[dict]:
+    """Train each router on the same seed and data, then write summary.md, summary.json and curves.png to `out_dir`."""
     routers = routers or ["linear", "mpi"]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg0 = demo_config(routers[0], steps, seed, out, preset)
+    claim_demo_folder(out)
+    cfg0 = demo_config(routers[0], steps, seed, out, preset, data_path, tokenizer)
     data = prepare_data(cfg0.data, cfg0.context)  # tokenized once, shared by every run
     print(f"corpus: {data.corpus.name}, sha256 {data.corpus.sha256[:16]}…, {data.train_ids.numel():,} train / "
           f"{data.val_ids.numel():,} val tokens; preset {preset}, {steps} steps, seed {seed}")
     rows, run_dirs = [], {}
     for router in routers:
-        result = train(demo_config(router, steps, seed, out, preset), data=data)
+        result = train(demo_config(router, steps, seed, out, preset, data_path, tokenizer), data=data)
         rows.append(summarize(router, result))
         run_dirs[router] = result.run_dir
-    info = machine_info()
+    info = environment(str(resolve_device(cfg0.device)))
     table = format_table(rows)
     plot = plot_curves(run_dirs, out / "curves.png")
-    header = (f"`mpirouter demo --steps {steps} --routers {','.join(routers)} --seed {seed}` · commit {info['commit']} · "
-              f"{info['machine']} · torch {info['torch']} · {info['date']}")
+    command = ["mpirouter", "demo", "--steps", str(steps), "--routers", ",".join(routers), "--seed", str(seed), "--preset", preset]
+    command += (["--data", data_path] if data_path is not None else []) + (["--tokenizer", tokenizer] if tokenizer != "byte" else [])
+    header = f"`{shlex.join(command)}` · {describe(info)}"
     (out / "summary.md").write_text(f"{header}\n\n{table}\n" + (f"\n![curves]({plot.name})\n" if plot else ""))
     (out / "summary.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
     print("\n" + table + f"\n\n{header}\nwritten: {out / 'summary.md'}" + (f", {plot}" if plot else ""))

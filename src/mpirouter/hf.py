@@ -437,7 +437,8 @@ def export(model: nn.Module) -> nn.Module:
     The weight is written in the router weight's dtype (the model dtype, e.g. bfloat16): exactly the
     tensor the patched forward multiplied with, so the exported model computes the same logits and
     `save_pretrained` writes an ordinary checkpoint (same keys and shapes as the original) that plain
-    `AutoModelForCausalLM.from_pretrained` (and vLLM, SGLang, ...) loads.
+    `AutoModelForCausalLM.from_pretrained` loads. Serving stacks that read transformers checkpoints see
+    an ordinary router weight; only transformers' own loading is tested here.
     """
     state = _state(model)
     for layer in state.layers:

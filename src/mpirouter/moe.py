@@ -105,7 +105,7 @@ class MoEOutput(NamedTuple):
 
 
 def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
-    """Softmax over all experts in float32, top-k, optional renormalization (PAPER.md, "MoE layer")."""
+    """Softmax over all experts in float32, top-k, optional renormalization (docs/method.md, eq. 2)."""
     check_number("top_k", top_k, integer=True, ge=1, le=logits_TE.shape[-1], upper_name=f"num_experts={logits_TE.shape[-1]}")
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
@@ -120,14 +120,14 @@ def tokens_per_expert(experts_TK: torch.Tensor, num_experts: int) -> torch.Tenso
 
 
 def max_violation(load_E: torch.Tensor) -> torch.Tensor:
-    """MaxVio = (max_i load_i - mean load) / mean load (PAPER.md, "Measures"); 0 means perfectly even."""
+    """MaxVio = (max_i load_i - mean load) / mean load (docs/method.md, eq. 8); 0 means perfectly even."""
     load_E = load_E.float()
     mean = load_E.mean()
     return (load_E.max() - mean) / mean.clamp_min(1e-12)
 
 
 def load_balance_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor, coef: float, scope: AuxScope = "sequence") -> torch.Tensor:
-    """Switch-style balance loss coef · E · Σ_i f_i P_i (PAPER.md, "MoE layer").
+    """Switch-style balance loss coef · E · Σ_i f_i P_i (docs/method.md, eq. 7).
 
     f_i: fraction of routed slots sent to expert i (no gradient); P_i: mean probability of
     expert i. scope="sequence" computes both per sequence and averages over the batch, as the
@@ -159,7 +159,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
 
     One node for all experts avoids what per-expert `W[e]` selects cost under autograd: each
     select's backward materializes a zero gradient the size of the whole stack
-    (shared/PERF_NOTES.md). Here the weight gradient is written block by block.
+    (docs/performance.md). Here the weight gradient is written block by block.
     """
 
     @staticmethod
@@ -367,7 +367,7 @@ def naive_moe_reference(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF
 
 
 def moe_flops(tokens: int, top_k: int, dim: int, hidden: int, backward: bool = True) -> float:
-    """Matmul FLOPs of the expert FFNs: 2·3·T·K·D·F forward, ×3 with backward (PERF_NOTES.md)."""
+    """Matmul FLOPs of the expert FFNs: 2·3·T·K·D·F forward, ×3 with backward (docs/performance.md)."""
     return (18.0 if backward else 6.0) * tokens * top_k * dim * hidden
 
 

@@ -1,7 +1,7 @@
 """MoE routers that follow their experts: the Manifold Power Iteration (MPI) router and its ablations.
 
 Paper: Wu, Lv, Xie, Lin, "Redesign Mixture-of-Experts Routers with Manifold Power
-Iteration", arXiv 2606.12397. Equation names below refer to `shared/PAPER.md`.
+Iteration", arXiv 2606.12397. Equation numbers below refer to docs/method.md.
 
 Shape legend (suffixes on tensor names):
     T  tokens (batch * sequence, flattened)
@@ -43,7 +43,7 @@ DEGENERATE_NORM = 1e-20
 
 
 def mpi_scale(num_experts: int, scale_prime: float = 1.0) -> float:
-    """The retraction radius C = C' / sqrt(N) (PAPER.md, "Retraction").
+    """The retraction radius C = C' / sqrt(N) (docs/method.md, eq. 5).
 
     Dividing by sqrt(N) keeps the logit scale independent of the number of experts;
     the authors' code hard-codes C = 0.125, i.e. C' = 1 at N = 64.
@@ -54,7 +54,7 @@ def mpi_scale(num_experts: int, scale_prime: float = 1.0) -> float:
 
 
 def power_step(r_ED: torch.Tensor, *mats_EFD: torch.Tensor) -> torch.Tensor:
-    """One power-iteration step per expert: r̂_i = R_i (Σ_m M_iᵀ M_i) (PAPER.md, "Power step").
+    """One power-iteration step per expert: r̂_i = R_i (Σ_m M_iᵀ M_i) (docs/method.md, eq. 4).
 
     With one matrix M = G this is r̂ = R Gᵀ G. Several matrices give the step through their
     row-concatenation [M_1; M_2; ...] (e.g. gate and up projections) without copying them.
@@ -76,7 +76,7 @@ def power_step(r_ED: torch.Tensor, *mats_EFD: torch.Tensor) -> torch.Tensor:
 
 
 def retract(v_ED: torch.Tensor, scale: float) -> torch.Tensor:
-    """Retraction onto the sphere of radius C: φ_i = C · v_i / ‖v_i‖₂ (PAPER.md, "Retraction").
+    """Retraction onto the sphere of radius C: φ_i = C · v_i / ‖v_i‖₂ (docs/method.md, eq. 5).
 
     A degenerate row (norm ≤ 1e-20, e.g. an all-zero router row, or one orthogonal to its
     expert's row space) maps to the zero row with zero gradient instead of NaN or an
@@ -105,8 +105,8 @@ def mpi_rows(r_ED: torch.Tensor, *mats_EFD: torch.Tensor, scale: float) -> torch
 def riemannian_ascent_step(v_D: torch.Tensor, a_DD: torch.Tensor) -> torch.Tensor:
     """One Riemannian gradient-ascent step of ρ(v) = vᵀAv on the unit sphere, step 1/ρ(v).
 
-    v' = normalize(v + (1/ρ) (I − v vᵀ) A v) with v a unit vector (PAPER.md, "Why it
-    converges"). Since ρ v + (I − v vᵀ) A v = A v, this equals normalize(A v): one MPI step.
+    v' = normalize(v + (1/ρ) (I − v vᵀ) A v) with v a unit vector (docs/method.md,
+    eq. 6). Since ρ v + (I − v vᵀ) A v = A v, this equals normalize(A v): one MPI step.
     Kept as a separate reference so the tests can check that identity.
     """
     av_D = a_DD @ v_D
@@ -150,7 +150,7 @@ def relative_gain(r_ED: torch.Tensor, *mats_EFD: torch.Tensor) -> torch.Tensor:
     1 on the top right-singular direction; σ₂/σ₁ on the second; √(Σσ²/D)/σ₁ on average for a random
     direction. Unlike `alignment` it stays meaningful when σ₂ ≈ σ₁ (a nearly flat top of the spectrum,
     where "the" top direction is ill-defined): it is √(ρ(r̂))/σ₁ with ρ the Rayleigh quotient of
-    MᵀM (PAPER.md, "Why it converges"), the quantity one MPI step increases. Returns (E,), float32.
+    MᵀM (docs/method.md, eq. 10), the quantity one MPI step increases. Returns (E,), float32.
     """
     w_EFD = concat_rows(*mats_EFD)
     r_ED = r_ED.detach().float()

@@ -1,4 +1,4 @@
-"""Small statistics for comparing matched runs: paired t-intervals, curve means, tokens-to-target.
+"""Small statistics for comparing matched runs: paired t-intervals and tests, Holm's adjustment, tokens-to-target.
 
     mpirouter compare --routers linear,mpi --seeds 0,1,2 --out runs/compare   # uses these in report.md
 
@@ -103,6 +103,53 @@ def paired_ci(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float
         return mean, math.nan, math.nan
     half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def paired_t_pvalue(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test of mean(diffs) = 0: 2·P(T_{n-1} <= -|t|), t = mean / (sd/√n).
+
+    nan with fewer than two differences, and nan when they have zero variance: t is then 0/0 or ±inf,
+    and identical differences over seeds (typically runs that are bit-identical up to a constant) are
+    not evidence of anything, so such a comparison gets no p-value rather than p = 0 or 1.
+    """
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean, sd = mean_std(diffs)
+    if not sd > 0 or not math.isfinite(mean):
+        return math.nan
+    t = mean / (sd / math.sqrt(n))
+    return min(1.0, 2.0 * t_cdf(-abs(t), n - 1))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (controls the family-wise error rate), in the input order.
+
+    With the m finite p-values sorted, p_(1) <= ... <= p_(m): adj_(i) = max_{j<=i} min(1, (m - j + 1)·p_(j)).
+    nan entries are not comparisons: they do not count in m and stay nan.
+    """
+    ps = [float(p) for p in pvalues]
+    bad = [p for p in ps if not (math.isnan(p) or 0.0 <= p <= 1.0)]
+    if bad:
+        raise ValueError(f"p-values must be in [0, 1] (or nan), got {bad}")
+    order = sorted((i for i, p in enumerate(ps) if not math.isnan(p)), key=lambda i: ps[i])
+    adjusted = [math.nan] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * ps[i]))  # the max keeps the adjusted order monotone
+        adjusted[i] = running
+    return adjusted
+
+
+def ratio_ci(ratios: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(geometric mean, lo, hi) of positive ratios: `paired_ci` of their logs, exponentiated.
+
+    Ratios are multiplicative (2× and 0.5× cancel), so the interval is taken on the log scale, where it
+    is symmetric, and stays positive after exponentiating; with fewer than two ratios the bounds are nan.
+    """
+    if any(not r > 0 for r in ratios):
+        raise ValueError(f"ratios must be > 0, got {list(ratios)}")
+    return tuple(math.exp(v) for v in paired_ci([math.log(r) for r in ratios], level))  # exp(nan) is nan
 
 
 def tokens_to_target(tokens: Sequence[float], losses: Sequence[float], target: float) -> float | None:

@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import provenance, rundir
-from .config import check_number, from_dict, to_dict
+from .config import check_number, flatten, from_dict, to_dict
 from .data import ByteTokenizer, DataConfig, HFTokenizer, TokenData, Tokenizer, get_batch, iter_eval_batches, prepare_data
 from .model import ModelConfig, MoELM, preset_config
 from .moe import max_violation
@@ -468,16 +468,9 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
     """ValueError naming every field that differs from the checkpoint's config and may not change on resume."""
-    old, new = _flat(saved), _flat(json.loads(json.dumps(to_dict(cfg))))
+    old, new = flatten(saved), flatten(to_dict(cfg))
     diff = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
             if k.split(".")[0] not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]
     if diff:
