@@ -70,3 +70,29 @@ def test_last_finite_checkpoint_skips_a_legacy_checkpoint_with_nan(tmp_path, mod
     ckpt.save_file(ckpt.model_tensors(model), str(bad / ckpt.WEIGHTS))  # as older versions could write it
     (tmp_path / "checkpoints" / ckpt.LATEST).write_text(bad.name)
     assert ckpt.last_finite_checkpoint(tmp_path).name == "step_0000001"
+
+
+def test_rotation_deletes_only_its_own_step_folders(tmp_path, model):
+    root = tmp_path / "checkpoints"
+    for name in ("step_0000001.old-20260101-000000", "step_0000001.corrupt-20260101-000000", "step_notes"):
+        (root / name).mkdir(parents=True)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, model, {}, None, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001.corrupt-20260101-000000",
+                                                      "step_0000001.old-20260101-000000", "step_0000003", "step_notes"]
+
+
+def test_missing_train_state_falls_back_like_a_corrupt_one(tmp_path, model):
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, {"step": step})
+    (tmp_path / "checkpoints" / "step_0000002" / ckpt.STATE).unlink()
+    config, _, state = ckpt.load_checkpoint(tmp_path, fallback=True, say=lambda _: None)
+    assert state["step"] == 1 and config == {"step": 1}
+    assert ckpt.set_aside_unreadable(tmp_path, newer_than=1)[0].name.startswith("step_0000002.corrupt-")
+    assert [p.name for p in ckpt.step_folders(tmp_path / "checkpoints")] == ["step_0000001"]
+
+
+def test_weights_that_do_not_fit_the_config_are_one_clear_error(model):
+    other = MoELM(preset_config("debug", dim=32))
+    with pytest.raises(ValueError, match="checkpoint weights do not match its config.json .*size mismatch"):
+        ckpt.load_model_tensors(other, ckpt.model_tensors(model))

@@ -248,12 +248,20 @@ def test_corrupt_weights_are_a_clear_error_for_sample_and_resume_falls_back(tmp_
      (["train", "--set", "model.moe=5", "--out", "OUT"], "model.moe"), (["train", "--set", "optim.betas=[0.9]", "--out", "OUT"], "optim.betas"),
      (["train", "--set", "log_every=0", "--out", "OUT"], "log_every must be >= 1"), (["train", "--stop-at", "-1", "--out", "OUT"], "stop_at must be >= 1"),
      (["train", "--resume", "--out", "OUT"], "does not exist"), (["train", "--config", "RUN", "--out", "OUT"], "is a folder"),
-     (["bench", "--reps", "0"], "--reps must be >= 1")],
+     (["bench", "--reps", "0"], "--reps must be >= 1"), (["train", "--config", "", "--out", "OUT"], "--config must not be empty"),
+     (["train", "--out", ""], "--out must not be empty"), (["train", "--data", "", "--out", "OUT"], "--data must not be empty"),
+     (["train", "--config", "DEEP", "--out", "OUT"], "nested too deeply"), (["bench", "--json", "RUN"], "already exists"),
+     (["compare", "--seeds", "a", "--out", "OUT"], "--seeds 'a': expected comma-separated int"),
+     (["compare", "--preset", "debug", "--out", "RUN"], "is a training run folder"),
+     (["train", "--resume", "--out", "RUN/checkpoints/step_0000006"], "inside the checkpoints of the run")],
     ids=["sample-topk-0", "sample-no-cuda", "sample-negative-tokens", "train-device", "section-as-int", "betas-length", "log-every-0",
-         "stop-at-negative", "resume-missing", "config-is-a-folder", "bench-reps-0"],
+         "stop-at-negative", "resume-missing", "config-is-a-folder", "bench-reps-0", "empty-config", "empty-out", "empty-data",
+         "deep-json", "bench-json-exists", "compare-seeds", "compare-into-a-run", "resume-inside-checkpoints"],
 )
 def test_more_bad_input_is_one_clear_line(argv, message, run_dir, tmp_path, capsys):
-    argv = [str(run_dir) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    argv = [a.replace("RUN", str(run_dir)) if a.startswith("RUN") else str(tmp_path / "out") if a == "OUT"
+            else str(tmp_path / "deep.json") if a == "DEEP" else a for a in argv]
     code, _, err = cli(argv[:1] + (FAST if argv[0] == "train" and "--resume" not in argv else []) + argv[1:], capsys)
     assert code == 2 and message in one_error_line(err)
 
@@ -270,3 +278,20 @@ def test_version_and_help_show_description_and_defaults(capsys):
     assert code == 0 and out.strip() == f"mpirouter {__version__}"
     code, out, _ = cli(["train", "--help"], capsys)
     assert code == 0 and out.count("mpirouter train --preset tiny") == 1 and "--resume" in out and "(default: 500)" in out
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    from mpirouter.model import MoELM
+
+    def no_memory(self, *a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(MoELM, "forward", no_memory)
+    code, _, err = cli(["train", *FAST, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "out of memory" in one_error_line(err) and "smaller batch" in err
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token(run_dir, capsys):
+    greedy = cli(["sample", str(run_dir), "--tokens", "8", "--temperature", "0"], capsys)
+    tiny = cli(["sample", str(run_dir), "--tokens", "8", "--temperature", "1e-45"], capsys)
+    assert greedy[0] == tiny[0] == 0 and greedy[1] == tiny[1]

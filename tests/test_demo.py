@@ -29,3 +29,11 @@ def test_anything_but_an_earlier_demo_is_refused_untouched(tmp_path, make):
         claim_demo_folder(out)
     assert (out if make == "file" else out / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_duplicate_routers_are_refused_before_anything_is_trained(tmp_path):
+    from mpirouter.demo import run_demo
+
+    with pytest.raises(ValueError, match="distinct routers"):
+        run_demo(out_dir=str(tmp_path / "d"), steps=2, routers=["linear", "linear"], preset="debug")
+    assert not (tmp_path / "d").exists()

@@ -13,6 +13,7 @@ def make_run(path, content="{}"):
     path.mkdir(parents=True)
     (path / "config.json").write_text(content)
     (path / "metrics.jsonl").write_text('{"event": "start"}\n')
+    (path / "checkpoints").mkdir()
     return path
 
 
@@ -86,3 +87,19 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
         lock_existing_run(run).release()
     finally:
         holder.kill()
+
+
+def test_a_folder_inside_another_runs_checkpoints_is_refused(tmp_path):
+    run = make_run(tmp_path / "r")
+    (run / "checkpoints" / "step_0000020").mkdir(parents=True)
+    for claim in (lambda p: claim_new_run(p, force=True), lock_existing_run):
+        with pytest.raises(ValueError, match="is inside the checkpoints of the run"):
+            claim(run / "checkpoints" / "step_0000020")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000020"]  # nothing created there
+
+
+def test_a_refused_claim_leaves_nothing_behind(tmp_path):
+    (tmp_path / "mine.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        claim_new_run(tmp_path)  # an existing folder we did not make: only our lock file goes
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]

@@ -217,6 +217,25 @@ def test_resume_uses_the_folder_given_and_falls_back_past_a_corrupt_checkpoint(t
     assert (Path(orig.out_dir) / "metrics.jsonl").read_text() == before  # the original is not touched
     assert _strip(resumed.history) == _strip(full.history)
     assert not (moved / "checkpoints" / ".tmp-step_0000011").exists()
+    assert [p.name.split(".")[0] for p in (moved / "checkpoints").glob("*.corrupt-*")] == ["step_0000010"]  # kept, set aside
+
+
+def test_resume_refuses_a_stop_at_that_is_already_behind_it(tmp_path, data):
+    cfg = cfg_for(tmp_path, steps=8, ckpt_every=4)
+    train(cfg, data=data, stop_at=4)
+    with pytest.raises(ValueError, match="--stop-at 3 is not after the checkpoint's step 4"):
+        train(cfg, data=data, resume=True, stop_at=3)
+
+
+def test_a_damaged_metrics_line_costs_only_itself_on_resume(tmp_path, data):
+    cfg = cfg_for(tmp_path, steps=8, ckpt_every=4, log_every=1)
+    train(cfg, data=data, stop_at=4)
+    path = Path(cfg.out_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2][:15]  # a garbled line in the middle
+    path.write_text("\n".join(lines) + "\n")
+    resumed = train(cfg, data=data, resume=True)
+    assert [r["step"] for r in resumed.history if r["event"] == "train"] == [1, 3, 4, 5, 6, 7, 8]
 
 
 def test_resume_honours_steps_and_refuses_other_changes(tmp_path, data):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import time
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 CONFIG = "config.json"
 TMP_PREFIX = ".tmp-"
+STEP_NAME = re.compile(r"step_\d{7}")
+"""Names of checkpoint folders; rotation touches nothing else (moved-aside or foreign folders stay)."""
 
 
 class NonFiniteWeightsError(ValueError):
@@ -131,10 +135,28 @@ def save_checkpoint(
     _fsync_dir(ckpt_root)
     atomic_write_text(ckpt_root / LATEST, name)
     if keep > 0:
-        old = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())[:-keep]
+        old = step_folders(ckpt_root)[:-keep]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def step_folders(ckpt_root: Path) -> list[Path]:
+    """The checkpoint folders `step_XXXXXXX` under `ckpt_root`, oldest first."""
+    return sorted(p for p in Path(ckpt_root).iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir()) if Path(ckpt_root).is_dir() else []
+
+
+def set_aside_unreadable(run_dir: str | Path, newer_than: int) -> list[Path]:
+    """Rename checkpoints past step `newer_than` (the ones a fallback skipped) to `step_X.corrupt-<time>`,
+    so they neither hold a `keep` slot nor push readable checkpoints out; nothing is deleted."""
+    moved = []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for p in step_folders(Path(run_dir) / "checkpoints"):
+        if int(p.name.split("_")[1]) > newer_than:
+            target = p.with_name(f"{p.name}.corrupt-{stamp}")
+            os.rename(p, target)
+            moved.append(target)
+    return moved
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
@@ -168,7 +190,7 @@ def checkpoints_newest_first(path: str | Path) -> list[Path]:
     if (path / WEIGHTS).is_file():
         return [path]
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    found = step_folders(root)[::-1]
     try:
         first = [resolve_checkpoint(path)]
     except FileNotFoundError:
@@ -181,7 +203,9 @@ def _read(ckpt: Path, with_state: bool) -> tuple[dict, dict[str, torch.Tensor], 
         config = json.loads((ckpt / CONFIG).read_text())
         tensors = load_file(str(ckpt / WEIGHTS))
         state = None
-        if with_state and (ckpt / STATE).is_file():
+        if with_state:
+            if not (ckpt / STATE).is_file():
+                raise FileNotFoundError(f"{STATE} is missing")
             state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
@@ -193,7 +217,8 @@ def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = 
                     say=print) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
     """Return (config dict, model tensors, train state or None) of a checkpoint.
 
-    A corrupt checkpoint raises CorruptCheckpointError; with fallback=True the previous readable
+    with_state=True requires the training state. A corrupt or incomplete checkpoint raises
+    CorruptCheckpointError; with fallback=True the previous readable
     checkpoint of the run is used instead, and `say` reports which one was skipped and why.
     """
     candidates = checkpoints_newest_first(path)
@@ -228,7 +253,11 @@ def last_finite_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load safetensors weights; tied weights absent from the file are fine, anything else missing is an error."""
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shapes differ: the weights belong to another config
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise ValueError(f"checkpoint weights do not match its config.json ({detail})") from None
     shared = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [m for m in missing if m not in shared]
     if missing or unexpected:

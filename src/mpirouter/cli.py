@@ -71,26 +71,36 @@ def train_config(args, explicit: set[str]) -> "TrainConfig":
     from .data import DataConfig
     from .model import preset_config
     from .routers import RouterConfig
+    from .rundir import RunLock
     from .train import OptimConfig, TrainConfig
 
+    for dest in ("config", "out", "data", "tokenizer"):
+        if getattr(args, dest) == "":
+            raise ValueError(f"--{dest} must not be empty")
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+        if Path(args.out).is_dir():
+            RunLock(args.out).acquire().release()  # another job running there: say so before reading its checkpoints
         for flag in ("config", "force"):
             if flag in explicit:
                 raise ValueError(f"--{flag} cannot be combined with --resume (the checkpoint holds the run's config)")
         saved, _, _ = load_checkpoint(args.out, with_state=False, fallback=True, say=lambda _: None)
         base = to_dict(from_dict(TrainConfig, saved))
         explicit = explicit | {"out"}  # a moved or copied run continues where it is now
-    elif args.config:
+    elif args.config is not None:
         try:
             text = Path(args.config).read_text()
         except IsADirectoryError:
             raise ValueError(f"--config {args.config} is a folder; pass its config.json") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--config {args.config} is not UTF-8 text") from None
         try:
             base = to_dict(from_dict(TrainConfig, json.loads(text)))
         except json.JSONDecodeError as e:
             raise ValueError(f"--config {args.config} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        except RecursionError:
+            raise ValueError(f"--config {args.config} is nested too deeply to be a config") from None
         except TypeError as e:
             raise ValueError(f"--config {args.config}: {e}") from None
     else:
@@ -156,6 +166,8 @@ def cmd_sample(args) -> int:
 
     from .train import load_model, resolve_device, run_tokenizer
 
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
     tok = run_tokenizer(args.checkpoint, cfg)
@@ -207,8 +219,18 @@ def cmd_bench(args) -> int:
     """
     from .bench import run_bench
 
+    from .model import PRESETS
+
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    if args.router_preset and args.router_preset not in PRESETS:
+        raise ValueError(f"--router-preset {args.router_preset!r} is not one of {', '.join(PRESETS)} ('' to skip)")
+    if args.json is not None:  # checked before minutes of benchmarking, not after
+        path = Path(args.json)
+        if path.exists():
+            raise FileExistsError(f"--json {path} already exists; choose another file")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"--json {path}: folder {path.parent} does not exist")
     results = run_bench([s.strip() for s in args.shapes.split(",")], reps=args.reps, router_preset=args.router_preset or None)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -358,8 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{where}: aborted", file=sys.stderr)
+        print(f"{where}: aborted at once (second interrupt); the newest checkpoint, if any, is kept for --resume", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        print(f"{where}: error: out of memory ({_one_line(e)}); use a smaller batch or model", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch reports a failed allocation as a RuntimeError
+        if "allocate" not in str(e) and "out of memory" not in str(e):
+            raise
+        print(f"{where}: error: out of memory ({_one_line(e)[:200]}); use a smaller batch or model", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

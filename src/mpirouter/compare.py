@@ -32,7 +32,7 @@ from .checkpoint import atomic_write_text, resolve_checkpoint
 from .config import apply_overrides, flatten, to_dict
 from .metrics import read_metrics
 from .provenance import environment
-from .rundir import RunLockedError
+from .rundir import RunLockedError, is_run_folder
 from .report import SCALE_FREE, SESSIONS, variant_label, write_report
 
 GRID_KEYS = ("model.moe.router.kind", "model.moe.router.scale_prime", "optim.name", "optim.lr", "seed", "out_dir")
@@ -210,6 +210,8 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
     from .train import resolve_device, train
 
     out = Path(cfg.out_dir)
+    if is_run_folder(out):
+        raise FileExistsError(f"--out {out} is a training run folder, not a compare folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     runs = grid_runs(cfg)
     for run in runs:
@@ -289,11 +291,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
-    split = lambda s, t: [t(v.strip()) for v in s.split(",") if v.strip()]
-    return CompareConfig(routers=split(args.routers, str), seeds=split(args.seeds, int), optimizers=split(args.optimizers, str),
-                         scales=split(args.scales, float), preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+    def split(text: str, kind: type, flag: str) -> list:
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+
+
+    return CompareConfig(routers=split(args.routers, str, "routers"), seeds=split(args.seeds, int, "seeds"), optimizers=split(args.optimizers, str, "optimizers"),
+                         scales=split(args.scales, float, "scales"), preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                          data=args.data, tokenizer=args.tokenizer,
-                         lrs=split(args.lr, float), warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                         lrs=split(args.lr, float, "lr"), warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                          ckpt_every=args.ckpt_every, out_dir=args.out, overrides=args.set or [], progress=not args.no_progress)
 
 

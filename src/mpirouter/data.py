@@ -68,6 +68,8 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {show_value(value)}")
+        if self.path is not None and (not isinstance(self.path, str) or not self.path):
+            raise ValueError(f"path must be None (the embedded corpus) or a non-empty path, got {show_value(self.path)}")
         check_number("val_fraction", self.val_fraction, gt=0, lt=1)
         check_number("bpe_vocab_size", self.bpe_vocab_size, integer=True, gt=256)  # 256 bytes are the base alphabet
 

@@ -121,6 +121,8 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 600, routers: list[str] | 
              data_path: str | None = None, tokenizer: str = "byte") -> list[dict]:
     """Train each router on the same seed and data, then write summary.md, summary.json and curves.png to `out_dir`."""
     routers = routers or ["linear", "mpi"]
+    if len(set(routers)) != len(routers) or not all(routers):
+        raise ValueError(f"--routers must name distinct routers, got {','.join(routers)}")
     out = Path(out_dir)
     claim_demo_folder(out)
     cfg0 = demo_config(routers[0], steps, seed, out, preset, data_path, tokenizer)

@@ -10,16 +10,18 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All records of a run's metrics.jsonl (an unfinished last line is ignored)."""
+    """All records of a run's metrics.jsonl (unreadable lines, e.g. an unfinished last one, are skipped)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a crash mid-write leaves at most one partial line, at the end
+            continue  # a crash mid-write leaves a partial line; a damaged line costs only itself
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 

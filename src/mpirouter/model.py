@@ -254,7 +254,8 @@ class MoELM(nn.Module):
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # shift first: with a tiny temperature the top logit maps to 0, not to inf (inf - inf = NaN)
+                logits = (logits - logits.max(-1, keepdim=True).values) / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))

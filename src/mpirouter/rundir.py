@@ -44,8 +44,16 @@ def _has_user_files(path: Path) -> bool:
     return any(p.name != LOCK_FILE for p in path.iterdir())
 
 
+def check_not_inside_a_run(path: Path) -> None:
+    """Refuse a folder inside another run's checkpoints/: checkpoint rotation there deletes folders."""
+    for parent in Path(path).resolve().parents:
+        if parent.name == "checkpoints" and is_run_folder(parent.parent):
+            raise ValueError(f"{path} is inside the checkpoints of the run {parent.parent}; choose a folder outside it")
+
+
 def move_aside(path: Path) -> Path:
     """Rename `path` to a free `<name>.old-<UTC time>[-n]` sibling and return the new path (nothing is deleted)."""
+    path = path.resolve()  # "." has no name to extend
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}{ASIDE_MARK}{stamp}")
     n = 1
@@ -62,6 +70,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self._fd: int | None = None
+        self.created = False
 
     def acquire(self) -> "RunLock":
         path = self.run_dir / LOCK_FILE
@@ -111,8 +120,15 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"--out {run_dir} is an existing file, not a run folder; choose another --out")
+    check_not_inside_a_run(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir).acquire()
+    had_lock_file = (run_dir / LOCK_FILE).exists()
+    try:
+        lock = RunLock(run_dir).acquire()
+    except BaseException:
+        _undo_claim(run_dir, created, had_lock_file)
+        raise
     try:
         if is_run_folder(run_dir):
             if not force:
@@ -127,8 +143,29 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
             raise FileExistsError(f"{run_dir} exists, is not empty and holds no run; choose another --out")
     except BaseException:
         lock.release()
+        _undo_claim(run_dir, created, had_lock_file)
         raise
+    lock.created = created
     return lock
+
+
+def _undo_claim(run_dir: Path, created: bool, had_lock_file: bool) -> None:
+    """A refused claim leaves the folder as it was: our lock file removed, the folder too if we made it."""
+    if not had_lock_file:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    if created:
+        forget_unused(run_dir, created)
+
+
+def forget_unused(run_dir: Path, created: bool) -> None:
+    """After a job that wrote nothing: remove its lock file, and the folder if the job made it."""
+    try:
+        if sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]:
+            (run_dir / LOCK_FILE).unlink()
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def lock_existing_run(run_dir: str | Path) -> RunLock:
@@ -136,4 +173,9 @@ def lock_existing_run(run_dir: str | Path) -> RunLock:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
-    return RunLock(run_dir).acquire()
+    check_not_inside_a_run(run_dir)
+    lock = RunLock(run_dir).acquire()  # first: a run another job is starting has no checkpoints/ yet
+    if not (run_dir / "checkpoints").is_dir():
+        lock.release()
+        raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: not a run that can be resumed")
+    return lock

@@ -504,6 +504,8 @@ def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False,
             return _run(cfg, data, resume, stop_at, run_dir, stop, say)
     finally:
         lock.release()
+        if not resume:
+            rundir.forget_unused(run_dir, lock.created)  # a run refused before writing anything leaves nothing
 
 
 def _run(cfg: TrainConfig, data: TokenData | None, resume: bool, stop_at: int | None, run_dir: Path,
@@ -513,8 +515,10 @@ def _run(cfg: TrainConfig, data: TokenData | None, resume: bool, stop_at: int | 
         for leftover in ckpt.remove_stale_temporaries(run_dir):
             say(f"removed {leftover}, left by an interrupted save")
         saved, tensors, state = ckpt.load_checkpoint(run_dir, fallback=True, say=say)
-        if state is None:
-            raise ValueError(f"checkpoint in {run_dir} has no training state; cannot resume")
+        if stop_at is not None and stop_at <= state["step"]:
+            raise ValueError(f"--stop-at {stop_at} is not after the checkpoint's step {state['step']}; nothing to do")
+        for skipped in ckpt.set_aside_unreadable(run_dir, newer_than=state["step"]):
+            say(f"set the unreadable checkpoint aside as {skipped}")
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg.data, cfg.context)
     cfg = resolve_config(cfg, data.tokenizer.vocab_size)
@@ -546,11 +550,12 @@ def _run(cfg: TrainConfig, data: TokenData | None, resume: bool, stop_at: int | 
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+    # metrics first: a resume that cannot read them must not have rewritten the config already
+    metrics = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, truncate_after_step=start_step if resume else None, fresh=not resume)
     config_dict = to_dict(cfg)
     ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
     if getattr(data.tokenizer, "path", None):  # keep a trained/loaded tokenizer with the run for `sample`
         shutil.copyfile(data.tokenizer.path, run_dir / TOKENIZER_FILE)
-    metrics = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, truncate_after_step=start_step if resume else None, fresh=not resume)
     env = provenance.environment(str(device))
     if not resume:
         counts = model.num_params()
