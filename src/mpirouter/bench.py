@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moe import MoE, MoEConfig, moe_flops, route
+from .provenance import describe, environment
 from .routers import RouterConfig
 
 
@@ -184,8 +185,10 @@ def run_bench(shapes: list[str], reps: int = 5, router_preset: str | None = "tin
             raise ValueError(f"unknown bench shape {s!r}; choose from {', '.join(SHAPES)}")
     torch.manual_seed(0)
     ceiling = mm_ceiling_gflops()
-    printer(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 mm 2048^3 at start: {ceiling:.1f} GFLOP/s (median)")
-    results: dict = {"mm_gflops_start": ceiling, "shapes": {}}
+    env = environment("cpu")
+    printer(f"`mpirouter bench --shapes {','.join(shapes)} --reps {reps} --router-preset {router_preset or ''}` · {describe(env)}")
+    printer(f"fp32 mm 2048^3 at start: {ceiling:.1f} GFLOP/s (median)")
+    results: dict = {"env": env, "mm_gflops_start": ceiling, "shapes": {}}
     for name in shapes:
         shape = SHAPES[name]
         ms = bench_moe_layer(shape, reps=reps)
