@@ -86,9 +86,11 @@ def test_missing_train_state_falls_back_like_a_corrupt_one(tmp_path, model):
     for step in (1, 2):
         ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, {"step": step})
     (tmp_path / "checkpoints" / "step_0000002" / ckpt.STATE).unlink()
-    config, _, state = ckpt.load_checkpoint(tmp_path, fallback=True, say=lambda _: None)
+    skipped = []
+    config, _, state = ckpt.load_checkpoint(tmp_path, fallback=True, say=lambda _: None, skipped=skipped)
     assert state["step"] == 1 and config == {"step": 1}
-    assert ckpt.set_aside_unreadable(tmp_path, newer_than=1)[0].name.startswith("step_0000002.corrupt-")
+    assert [p.name for p in skipped] == ["step_0000002"]
+    assert ckpt.set_aside(skipped)[0].name.startswith("step_0000002.corrupt-")
     assert [p.name for p in ckpt.step_folders(tmp_path / "checkpoints")] == ["step_0000001"]
 
 
@@ -96,3 +98,19 @@ def test_weights_that_do_not_fit_the_config_are_one_clear_error(model):
     other = MoELM(preset_config("debug", dim=32))
     with pytest.raises(ValueError, match="checkpoint weights do not match its config.json .*size mismatch"):
         ckpt.load_model_tensors(other, ckpt.model_tensors(model))
+
+
+def test_a_complete_checkpoint_newer_than_latest_is_used(tmp_path, model):
+    """A crash between renaming a checkpoint into place and updating `latest` leaves it complete."""
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, {"step": step})
+    (tmp_path / "checkpoints" / ckpt.LATEST).write_text("step_0000001")
+    skipped = []
+    config, _, _ = ckpt.load_checkpoint(tmp_path, fallback=True, say=lambda _: None, skipped=skipped)
+    assert config == {"step": 2} and skipped == []
+
+
+def test_step_numbers_past_seven_digits_sort_and_rotate_by_number(tmp_path, model):
+    for step in (9_999_999, 10_000_000, 10_000_001):
+        ckpt.save_checkpoint(tmp_path, step, model, {}, None, keep=2)
+    assert [p.name for p in ckpt.step_folders(tmp_path / "checkpoints")] == ["step_10000000", "step_10000001"]

@@ -162,3 +162,9 @@ def test_check_number_rejects_out_of_range_and_non_finite(kwargs, message):
                          ids=["int-at-min", "inside-interval", "none-when-optional"])
 def test_check_number_accepts_values_in_range(kwargs):
     assert check_number("x", **kwargs) is None
+
+
+@pytest.mark.parametrize("override", ["steps=1e39", "batch_size=1e39", "grad_accum=99999999999999999999"], ids=["steps", "batch", "accum"])
+def test_integers_beyond_64_bits_are_refused(override):
+    with pytest.raises(ValueError, match="does not fit in a 64-bit integer"):
+        apply_overrides(TrainConfig(), [override])

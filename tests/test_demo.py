@@ -37,3 +37,15 @@ def test_duplicate_routers_are_refused_before_anything_is_trained(tmp_path):
     with pytest.raises(ValueError, match="distinct routers"):
         run_demo(out_dir=str(tmp_path / "d"), steps=2, routers=["linear", "linear"], preset="debug")
     assert not (tmp_path / "d").exists()
+
+
+def test_an_earlier_demo_with_a_job_still_training_is_not_moved(tmp_path):
+    from mpirouter.rundir import RunLock, RunLockedError
+
+    out = tmp_path / "demo"
+    (out / "linear").mkdir(parents=True)
+    (out / "linear" / "metrics.jsonl").write_text("x")
+    with RunLock(out / "linear"):
+        with pytest.raises(RunLockedError, match="in use by another job"):
+            claim_demo_folder(out)
+    assert (out / "linear" / "metrics.jsonl").read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["demo"]

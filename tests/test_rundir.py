@@ -103,3 +103,18 @@ def test_a_refused_claim_leaves_nothing_behind(tmp_path):
     with pytest.raises(FileExistsError):
         claim_new_run(tmp_path)  # an existing folder we did not make: only our lock file goes
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_out_dot_with_force_starts_the_new_run_in_the_same_place(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "r")
+    monkeypatch.chdir(run)
+    claim_new_run(".", force=True, say=lambda _: None).release()
+    assert run.is_dir() and not (run / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if is_moved_aside(p)] != []
+
+
+def test_a_refused_resume_leaves_no_lock_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no checkpoints/ folder"):
+        lock_existing_run(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -245,8 +245,11 @@ def test_resume_honours_steps_and_refuses_other_changes(tmp_path, data):
         train(cfg_for(tmp_path, router="linear", steps=8, ckpt_every=4, out_dir=cfg.out_dir), data=data, resume=True)
     with pytest.raises(ValueError, match="cannot change on resume: optim.lr"):
         train(dataclasses.replace(cfg, optim=OptimConfig(lr=5e-3)), data=data, resume=True)
-    with pytest.raises(ValueError, match="--steps 3 is below the checkpoint's step 4"):
-        train(dataclasses.replace(cfg, steps=3), data=data, resume=True)
+    for steps in (3, 4):
+        with pytest.raises(ValueError, match=f"--steps {steps} must be above the checkpoint's step 4"):
+            train(dataclasses.replace(cfg, steps=steps), data=data, resume=True)
+    with pytest.raises(ValueError, match="cannot change on resume: eval_batches"):
+        train(dataclasses.replace(cfg, eval_batches=1), data=data, resume=True)
     said = []
     longer = train(dataclasses.replace(cfg, steps=12, log_every=2), data=data, resume=True, say=said.append)
     assert longer.step == 12 and [r["step"] for r in longer.history if r["event"] == "timing"] == [12]
@@ -333,3 +336,39 @@ def test_nonsense_numbers_are_rejected(override, message):
 def test_stop_at_must_be_positive(tmp_path, data):
     with pytest.raises(ValueError, match="stop_at must be >= 1"):
         train(cfg_for(tmp_path), data=data, stop_at=-1)
+
+
+def test_a_signal_during_the_last_step_still_stops_the_caller(tmp_path, data, monkeypatch):
+    """demo and compare must not go on to the next run when the signal came in the final step or eval."""
+    import mpirouter.train as train_mod
+
+    real = train_mod.router_cost_ms
+
+    def signal_then_measure(model, *a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(train_mod, "router_cost_ms", signal_then_measure)
+    cfg = cfg_for(tmp_path, steps=4)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg, data=data)
+    assert info.value.step == 4 and ckpt.resolve_checkpoint(cfg.out_dir).name == "step_0000004"
+
+
+def test_force_with_bad_input_does_not_move_the_old_run(tmp_path, data):
+    cfg = cfg_for(tmp_path, steps=2)
+    train(cfg, data=data)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train(dataclasses.replace(cfg, device="cuda"), data=data, force=True)
+    assert (Path(cfg.out_dir) / "config.json").is_file() and not list(tmp_path.glob("*.old-*"))
+
+
+def test_an_extended_run_keeps_one_estimator_in_its_curve(tmp_path, data):
+    from mpirouter.report import eval_curve
+
+    cfg = cfg_for(tmp_path, steps=8, eval_every=4, eval_batches=1)
+    train(cfg, data=data)
+    longer = train(dataclasses.replace(cfg, steps=12), data=data, resume=True)
+    evals = {r["step"]: r for r in longer.history if r["event"] == "eval"}
+    curve = eval_curve(json.loads((Path(cfg.out_dir) / "config.json").read_text()), longer.history)
+    assert curve.values == [evals[4]["val_loss"], evals[8]["val_loss_prefix"], evals[12]["val_loss_prefix"]]

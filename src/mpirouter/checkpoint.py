@@ -31,7 +31,7 @@ WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 CONFIG = "config.json"
 TMP_PREFIX = ".tmp-"
-STEP_NAME = re.compile(r"step_\d{7}")
+STEP_NAME = re.compile(r"step_\d{7,}")
 """Names of checkpoint folders; rotation touches nothing else (moved-aside or foreign folders stay)."""
 
 
@@ -126,9 +126,14 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+        previous = None
+        if final.exists():  # re-saving a step: keep the old copy complete until the new one is in place
+            previous = final.with_name(f"{TMP_PREFIX}old-{name}")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.rename(final, previous)
         os.rename(tmp, final)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -142,27 +147,29 @@ def save_checkpoint(
 
 
 def step_folders(ckpt_root: Path) -> list[Path]:
-    """The checkpoint folders `step_XXXXXXX` under `ckpt_root`, oldest first."""
-    return sorted(p for p in Path(ckpt_root).iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir()) if Path(ckpt_root).is_dir() else []
+    """The checkpoint folders `step_XXXXXXX` under `ckpt_root`, oldest first (by step number)."""
+    if not Path(ckpt_root).is_dir():
+        return []
+    found = [p for p in Path(ckpt_root).iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def set_aside_unreadable(run_dir: str | Path, newer_than: int) -> list[Path]:
-    """Rename checkpoints past step `newer_than` (the ones a fallback skipped) to `step_X.corrupt-<time>`,
-    so they neither hold a `keep` slot nor push readable checkpoints out; nothing is deleted."""
-    moved = []
+def set_aside(checkpoints: list[Path]) -> list[Path]:
+    """Rename unreadable checkpoints to `step_X.corrupt-<time>`, so they neither hold a `keep` slot nor
+    push readable checkpoints out of it; nothing is deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for p in step_folders(Path(run_dir) / "checkpoints"):
-        if int(p.name.split("_")[1]) > newer_than:
-            target = p.with_name(f"{p.name}.corrupt-{stamp}")
-            os.rename(p, target)
-            moved.append(target)
+    moved = []
+    for p in checkpoints:
+        target = p.with_name(f"{p.name}.corrupt-{stamp}")
+        os.rename(p, target)
+        moved.append(target)
     return moved
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete temporary checkpoint folders a crashed save left behind (only ours: `.tmp-step_*`)."""
+    """Delete temporary checkpoint folders a crashed save left behind (only ours: `.tmp-*`)."""
     removed = []
-    for p in (Path(run_dir) / "checkpoints").glob(f"{TMP_PREFIX}step_*"):
+    for p in (Path(run_dir) / "checkpoints").glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
@@ -185,17 +192,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoints_newest_first(path: str | Path) -> list[Path]:
-    """Every complete-looking checkpoint of a run, `latest` first, then the others by step, newest first."""
+    """Every checkpoint folder of a run, newest step first (or the folder itself when it is one)."""
     path = Path(path)
     if (path / WEIGHTS).is_file():
         return [path]
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = step_folders(root)[::-1]
-    try:
-        first = [resolve_checkpoint(path)]
-    except FileNotFoundError:
-        first = []
-    return first + [p for p in found if p not in first]
+    # by step, not by `latest`: a crash between renaming a checkpoint into place and updating `latest`
+    # leaves the newer checkpoint complete
+    return step_folders(path / "checkpoints" if (path / "checkpoints").is_dir() else path)[::-1]
 
 
 def _read(ckpt: Path, with_state: bool) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
@@ -213,13 +216,14 @@ def _read(ckpt: Path, with_state: bool) -> tuple[dict, dict[str, torch.Tensor], 
     return config, tensors, state
 
 
-def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = False,
-                    say=print) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = False, say=print,
+                    skipped: list[Path] | None = None) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
     """Return (config dict, model tensors, train state or None) of a checkpoint.
 
     with_state=True requires the training state. A corrupt or incomplete checkpoint raises
     CorruptCheckpointError; with fallback=True the previous readable
-    checkpoint of the run is used instead, and `say` reports which one was skipped and why.
+    checkpoint of the run is used instead, `say` reports which one was skipped and why, and the
+    skipped folders are appended to `skipped`.
     """
     candidates = checkpoints_newest_first(path)
     if not candidates:
@@ -230,6 +234,8 @@ def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = 
             loaded = _read(ckpt, with_state)
         except CorruptCheckpointError as e:
             errors.append(str(e))
+            if skipped is not None:
+                skipped.append(ckpt)
             if fallback:
                 say(f"warning: {e}; trying the previous checkpoint")
             continue

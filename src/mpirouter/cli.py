@@ -71,7 +71,7 @@ def train_config(args, explicit: set[str]) -> "TrainConfig":
     from .data import DataConfig
     from .model import preset_config
     from .routers import RouterConfig
-    from .rundir import RunLock
+    from .rundir import check_not_locked
     from .train import OptimConfig, TrainConfig
 
     for dest in ("config", "out", "data", "tokenizer"):
@@ -80,8 +80,7 @@ def train_config(args, explicit: set[str]) -> "TrainConfig":
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-        if Path(args.out).is_dir():
-            RunLock(args.out).acquire().release()  # another job running there: say so before reading its checkpoints
+        check_not_locked(args.out)  # another job running there: say so before reading its checkpoints
         for flag in ("config", "force"):
             if flag in explicit:
                 raise ValueError(f"--{flag} cannot be combined with --resume (the checkpoint holds the run's config)")
@@ -380,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{where}: aborted at once (second interrupt); the newest checkpoint, if any, is kept for --resume", file=sys.stderr)
+        kept = "; the newest checkpoint, if any, is kept for --resume" if args.command in ("train", "demo", "compare") else ""
+        print(f"{where}: interrupted{kept}", file=sys.stderr)
         return 130
     except MemoryError as e:
         print(f"{where}: error: out of memory ({_one_line(e)}); use a smaller batch or model", file=sys.stderr)

@@ -162,11 +162,11 @@ def check_value(value: Any, tp, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise _mismatch(where, tp, value)
-        if isinstance(value, numbers.Integral):
-            return int(value)
-        if math.isfinite(value) and float(value).is_integer():
-            return int(value)
-        raise _mismatch(where, tp, value)
+        if not isinstance(value, numbers.Integral) and not (math.isfinite(value) and float(value).is_integer()):
+            raise _mismatch(where, tp, value)
+        if not -(2**63) <= int(value) < 2**63:  # torch and the data order take 64-bit integers; 1e39 steps is a typo
+            raise ValueError(f"{where}: {show_value(value)} does not fit in a 64-bit integer")
+        return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise _mismatch(where, tp, value)

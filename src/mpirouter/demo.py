@@ -113,7 +113,15 @@ def claim_demo_folder(out: Path, say=print) -> None:
         earlier = (out / "summary.json").is_file() or any(rundir.is_run_folder(p) for p in out.iterdir())
         if not earlier:
             raise FileExistsError(f"{out} exists, is not empty and holds no earlier demo; choose another --out")
-        say(f"moved the earlier demo in {out} aside to {rundir.move_aside(out)}")
+        # a job still training in the earlier demo writes by path: never move its folder from under it
+        locks: list[rundir.RunLock] = []
+        try:
+            for run in (p for p in out.iterdir() if rundir.is_run_folder(p)):
+                locks.append(rundir.RunLock(run).acquire())
+            say(f"moved the earlier demo in {out} aside to {rundir.move_aside(out)}")
+        finally:
+            for lock in locks:
+                lock.release()
     out.mkdir(parents=True, exist_ok=True)
 
 

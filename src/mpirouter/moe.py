@@ -106,7 +106,8 @@ class MoEOutput(NamedTuple):
 
 def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
     """Softmax over all experts in float32, top-k, optional renormalization (docs/method.md, eq. 2)."""
-    check_number("top_k", top_k, integer=True, ge=1, le=logits_TE.shape[-1], upper_name=f"num_experts={logits_TE.shape[-1]}")
+    if not 1 <= top_k <= logits_TE.shape[-1]:  # plain comparison: this runs in every layer's forward
+        raise ValueError(f"top_k must be in [1, num_experts={logits_TE.shape[-1]}], got {top_k}")
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
     if renormalize:

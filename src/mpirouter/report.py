@@ -21,7 +21,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_text
 from .metrics import read_metrics
 from .provenance import describe, environment
-from .rundir import ASIDE_MARK
+from .rundir import is_moved_aside
 from .stats import holm, mean_curve, mean_std, paired_ci, paired_t_pvalue, ratio_ci, tokens_to_target
 
 SCALE_FREE = ("linear", "power")
@@ -88,9 +88,11 @@ def eval_curve(config: dict, records: list[dict], key: str = "val_loss") -> Eval
     steps = config["steps"]
     tokens, values, has_final = [], [], False
     for r in (r for r in records if r.get("event") == "eval" and key in r):
-        value = r.get(f"{key}_prefix") if capped and r.get("step") == steps else r[key]
+        # every whole-split eval of a capped run carries the prefix estimate too (also a final eval that a
+        # resumed, extended run left mid-curve); one without it is a final eval from before it was recorded
+        value = r.get(f"{key}_prefix", None if capped and r.get("step") == steps else r[key]) if capped else r[key]
         if value is None:
-            continue  # a capped run's final eval from before the prefix estimate was recorded
+            continue
         tokens.append(r["tokens"])
         values.append(value)
         has_final = has_final or r.get("step") == steps
@@ -148,7 +150,7 @@ def discover_runs(out_dir: Path) -> list[RunRecord]:
     runs = []
     for cfg_path in sorted(Path(out_dir).rglob("config.json")):
         parts = cfg_path.relative_to(out_dir).parts
-        if "checkpoints" in parts or any(ASIDE_MARK in part for part in parts) or not (cfg_path.parent / "metrics.jsonl").is_file():
+        if "checkpoints" in parts or any(is_moved_aside(Path(part)) for part in parts) or not (cfg_path.parent / "metrics.jsonl").is_file():
             continue
         runs.append(RunRecord(cfg_path.parent, json.loads(cfg_path.read_text()), read_metrics(cfg_path.parent)))
     return runs

@@ -117,7 +117,7 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
     force=True moves an existing run aside (never deletes it) and says where. A folder with other
     content that is not a run is refused even with force: it is not ours to move.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # "." must still name the folder after the old run is moved aside
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"--out {run_dir} is an existing file, not a run folder; choose another --out")
     check_not_inside_a_run(run_dir)
@@ -174,8 +174,26 @@ def lock_existing_run(run_dir: str | Path) -> RunLock:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
     check_not_inside_a_run(run_dir)
+    had_lock_file = (run_dir / LOCK_FILE).exists()
     lock = RunLock(run_dir).acquire()  # first: a run another job is starting has no checkpoints/ yet
     if not (run_dir / "checkpoints").is_dir():
         lock.release()
+        _undo_claim(run_dir, created=False, had_lock_file=had_lock_file)
         raise FileNotFoundError(f"{run_dir} has no checkpoints/ folder: not a run that can be resumed")
     return lock
+
+
+def check_not_locked(run_dir: str | Path) -> None:
+    """RunLockedError if another job holds `run_dir`; creates nothing (a folder without `.lock` is free)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _read_holder(fd)
+        raise RunLockedError(f"run folder {run_dir} is in use by another job (pid {holder.get('pid', '?')} on "
+                             f"{holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to finish") from None
+    finally:
+        os.close(fd)  # closing drops our flock if we got it

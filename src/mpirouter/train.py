@@ -61,7 +61,7 @@ class OptimConfig:
     """adamw | muon (Muon on hidden matrices, per expert on stacks) | adamh / muonh (Hyperball around Adam / Muon)."""
     lr: float | None = None
     """Peak learning rate of the hidden matrices (adamw: of everything); None: mpirouter.optim.DEFAULT_LR[name].
-    For adamh/muonh it is the relative step ‖ΔW‖/‖W‖. build_optimizer writes the resolved value back here."""
+    For adamh/muonh it is the relative step ‖ΔW‖/‖W‖. A run's config.json records the resolved value."""
     adam_lr: float | None = None
     """muon/adamh/muonh: peak lr of the AdamW-side groups (embeddings, head, norm gains; the router if router=adamw).
     None: DEFAULT_LR["adamw"]. Ignored by adamw."""
@@ -278,8 +278,8 @@ def param_groups(model: MoELM, optim: OptimConfig) -> list[dict]:
 def build_optimizer(model: MoELM, optim: OptimConfig):
     """AdamW (a torch.optim.AdamW), Muon, AdamH or MuonH over `model` (see `mpirouter.optim.build_optimizer`).
 
-    Fills in optim.lr / optim.adam_lr when None. The result has `param_groups` whose "lr" the loop
-    sets each step (per-group multipliers are applied inside `step`), `state_dict`, `load_state_dict`.
+    Learning rates left None take the optimizer's defaults; `optim` is not changed. The result has
+    `param_groups` whose "lr" the loop sets each step (per-group multipliers are applied inside `step`), `state_dict`, `load_state_dict`.
     """
     from .optim import build_optimizer as build
 
@@ -416,20 +416,20 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _train_state(optimizer, step: int, history_len: int) -> dict:
+def _train_state(optimizer, step: int) -> dict:
     return {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "history_len": history_len,
     }
 
 
-RESUMABLE_FIELDS = ("steps", "out_dir", "device", "compile", "progress", "log_every", "eval_every", "eval_batches",
-                    "eval_batch_size", "ckpt_every", "ckpt_keep", "tensorboard")
+RESUMABLE_FIELDS = ("steps", "out_dir", "device", "compile", "progress", "log_every", "eval_every", "eval_batch_size",
+                    "ckpt_every", "ckpt_keep", "tensorboard")
 """TrainConfig fields a resumed run may change: the length of the run and how it is run, logged and
-saved. Everything else defines the model, data order or optimizer and must match the checkpoint."""
+saved. Everything else defines the model, data order, optimizer or the periodic evals' estimator
+(eval_batches) and must match the checkpoint."""
 
 
 class TrainingInterrupted(Exception):
@@ -498,42 +498,47 @@ def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False,
     if stop_at is not None:
         check_number("stop_at", stop_at, integer=True, ge=1)
     run_dir = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)  # bad input is refused before a run is moved aside or locked
+    data = data or prepare_data(cfg.data, cfg.context)
     lock = rundir.lock_existing_run(run_dir) if resume else rundir.claim_new_run(run_dir, force, say)
     try:
         with _StopOnSignal() as stop:
-            return _run(cfg, data, resume, stop_at, run_dir, stop, say)
+            result = _run(cfg, data, device, resume, stop_at, run_dir, stop, say)
+        if stop.requested:  # it arrived during the last step or the final eval: the run is complete and saved
+            raise TrainingInterrupted(stop.requested, result.step, ckpt.resolve_checkpoint(run_dir), run_dir)
+        return result
     finally:
         lock.release()
         if not resume:
             rundir.forget_unused(run_dir, lock.created)  # a run refused before writing anything leaves nothing
 
 
-def _run(cfg: TrainConfig, data: TokenData | None, resume: bool, stop_at: int | None, run_dir: Path,
+def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, stop_at: int | None, run_dir: Path,
          stop: _StopOnSignal, say) -> TrainResult:
     state = None
     if resume:
         for leftover in ckpt.remove_stale_temporaries(run_dir):
             say(f"removed {leftover}, left by an interrupted save")
-        saved, tensors, state = ckpt.load_checkpoint(run_dir, fallback=True, say=say)
+        unreadable: list[Path] = []
+        saved, tensors, state = ckpt.load_checkpoint(run_dir, fallback=True, say=say, skipped=unreadable)
         if stop_at is not None and stop_at <= state["step"]:
             raise ValueError(f"--stop-at {stop_at} is not after the checkpoint's step {state['step']}; nothing to do")
-        for skipped in ckpt.set_aside_unreadable(run_dir, newer_than=state["step"]):
-            say(f"set the unreadable checkpoint aside as {skipped}")
-    device = resolve_device(cfg.device)
-    data = data or prepare_data(cfg.data, cfg.context)
+        for moved in ckpt.set_aside(unreadable):
+            say(f"set the unreadable checkpoint aside as {moved}")
     cfg = resolve_config(cfg, data.tokenizer.vocab_size)
     start_step = 0
     if state is not None:
         check_resume_config(saved, cfg)
         start_step = state["step"]
-        if cfg.steps < start_step:
-            raise ValueError(f"--steps {cfg.steps} is below the checkpoint's step {start_step}; nothing to resume")
+        if cfg.steps < start_step or (cfg.steps == start_step and cfg.steps != saved["steps"]):
+            raise ValueError(f"--steps {cfg.steps} must be above the checkpoint's step {start_step} (the run needs at least "
+                             f"one more step to end with its final evaluation)")
         if cfg.steps != saved["steps"]:
             old_lr = lr_multiplier(start_step, saved["steps"], cfg.schedule) * cfg.optim.lr
             new_lr = lr_multiplier(start_step, cfg.steps, cfg.schedule) * cfg.optim.lr
+            change = f"stays {new_lr:.3g}" if old_lr == new_lr else f"moves from {old_lr:.3g} to {new_lr:.3g}"
             say(f"{'extending' if cfg.steps > saved['steps'] else 'shortening'} the run from {saved['steps']} to {cfg.steps} steps: "
-                f"the {cfg.schedule.kind} schedule is recomputed for {cfg.steps} steps, so the lr at step {start_step} "
-                f"moves from {old_lr:.3g} to {new_lr:.3g}")
+                f"the {cfg.schedule.kind} schedule is recomputed for {cfg.steps} steps; the lr at step {start_step} {change}")
         elif start_step == cfg.steps:
             history = read_metrics(run_dir)
             final = next(({k: v for k, v in r.items() if k not in ("event", "step", "tokens")} for r in reversed(history)
@@ -575,7 +580,7 @@ def _run(cfg: TrainConfig, data: TokenData | None, resume: bool, stop_at: int | 
 
     def save(done: int) -> Path:
         try:
-            return ckpt.save_checkpoint(run_dir, done, model, config_dict, _train_state(optimizer, done, 0), keep=cfg.ckpt_keep)
+            return ckpt.save_checkpoint(run_dir, done, model, config_dict, _train_state(optimizer, done), keep=cfg.ckpt_keep)
         except ckpt.NonFiniteWeightsError:
             raise NonFiniteLossError(f"weights became non-finite at step {done} (after the optimizer update); stopping "
                                      f"without a checkpoint. {_last_good(run_dir)}") from None
@@ -629,9 +634,7 @@ def _run(cfg: TrainConfig, data: TokenData | None, resume: bool, stop_at: int | 
                 metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
                 if bar is not None:
                     bar.set_postfix(loss=f"{lm_sum / cfg.grad_accum:.3f}", val=f"{final_eval['val_loss']:.3f}")
-            if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step:
-                save(done)
-            elif stop.requested:
+            if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step or stop.requested:
                 save(done)
             if stop.requested and done < end_step:
                 raise TrainingInterrupted(stop.requested, done, ckpt.resolve_checkpoint(run_dir), run_dir)
