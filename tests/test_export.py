@@ -177,7 +177,7 @@ def test_failure_while_writing_leaves_no_temporary_folder(runs, monkeypatch, ear
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "save_file", disk_full)
+    monkeypatch.setattr(export.ckpt, "save_file", disk_full)  # export writes weights through checkpoint.save_weights
     with pytest.raises(OSError, match="No space left"):
         export_checkpoint(runs / "a", out, force=True)
     assert snapshot(runs) == before and leftovers(runs) == []

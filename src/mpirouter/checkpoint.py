@@ -82,10 +82,19 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _umask() -> int:
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors file with the permissions the user's umask gives other outputs (safetensors itself writes 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush every file in `folder` to disk (before the folder is renamed into place)."""
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def all_finite(tensors) -> bool:
@@ -118,14 +127,11 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
-        os.chmod(tmp / WEIGHTS, 0o666 & ~_umask())  # safetensors writes 0600; match the run's other files
+        save_weights(tensors, tmp / WEIGHTS, {"format": "pt", "step": str(step)})
         if train_state is not None:
             torch.save(train_state, tmp / STATE)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_files(tmp)
         previous = None
         if final.exists():  # re-saving a step: keep the old copy complete until the new one is in place
             previous = final.with_name(f"{TMP_PREFIX}old-{name}")

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from . import checkpoint as ckpt
 from .config import to_dict
-from .train import TOKENIZER_FILE, load_model
+from .train import TOKENIZER_FILE, load_model, saved_tokenizer
 
 MARKER = "export.json"
 EXPORT_FORMAT = "mpirouter-export"
@@ -157,20 +156,14 @@ def export_checkpoint(src: str | Path, out: str | Path, verify: bool = True, ato
             raise FileExistsError(f"temporary export folder {path} already exists (left by a crashed export?); remove it and retry")
     tmp.mkdir()  # from here on, tmp is ours to remove
     try:
-        save_file(ckpt.model_tensors(model), str(tmp / ckpt.WEIGHTS), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp / ckpt.WEIGHTS, 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
+        ckpt.save_weights(ckpt.model_tensors(model), tmp / ckpt.WEIGHTS, metadata)
         (tmp / ckpt.CONFIG).write_text(json.dumps(to_dict(cfg), indent=2))
-        for folder in (Path(src), src_dir, src_dir.parent.parent):
-            if (folder / TOKENIZER_FILE).is_file():
-                shutil.copyfile(folder / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-                break
+        tokenizer = saved_tokenizer(src)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         # the marker last: a folder with it is a complete export
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        ckpt.fsync_files(tmp)
         _place(tmp, out, old if replace else None)
     finally:
         if tmp.exists():

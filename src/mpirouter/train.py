@@ -668,12 +668,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mo
     return model.to(device).eval(), cfg
 
 
-def run_tokenizer(path: str | Path, cfg: TrainConfig) -> Tokenizer:
-    """The tokenizer a run was trained with: its saved tokenizer.json, else bytes."""
+def saved_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer.json kept with a run, checkpoint or export (None: the run used bytes)."""
     ckpt_dir = ckpt.resolve_checkpoint(path)
     for folder in (Path(path), ckpt_dir, ckpt_dir.parent.parent):
         if (folder / TOKENIZER_FILE).is_file():
-            return HFTokenizer(folder / TOKENIZER_FILE)
+            return folder / TOKENIZER_FILE
+    return None
+
+
+def run_tokenizer(path: str | Path, cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer a run was trained with: its saved tokenizer.json, else bytes."""
+    saved = saved_tokenizer(path)
+    if saved is not None:
+        return HFTokenizer(saved)
     if cfg.data.tokenizer != "byte":
         raise FileNotFoundError(f"run at {path} used tokenizer {cfg.data.tokenizer!r} but has no {TOKENIZER_FILE}")
     return ByteTokenizer()
