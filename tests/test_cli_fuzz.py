@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpirouter.cli import main
-from mpirouter.config import to_dict
-from mpirouter.train import TrainConfig
+from mpirouter.common.config import to_dict
+from mpirouter.trainer.config import TrainConfig
 
 EXAMPLES = int(os.environ.get("MPIROUTER_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(max_examples=EXAMPLES or 30, derandomize=not EXAMPLES, deadline=None, database=None,

@@ -1,40 +1,12 @@
-"""mpirouter: Mixture-of-Experts routers that follow their experts (Manifold Power Iteration, arXiv 2606.12397)."""
+"""mpirouter: Mixture-of-Experts routers that follow their experts (Manifold Power Iteration, arXiv 2606.12397).
 
-from .model import ModelConfig, MoELM, ModelOutput, preset_config
-from .moe import MoE, MoEConfig, MoEOutput, MoEStats, load_balance_loss, max_violation, route
-from .routers import (
-    MPIRouter,
-    Router,
-    RouterConfig,
-    alignment,
-    mpi_rows,
-    mpi_scale,
-    power_step,
-    retract,
-    top_singular_directions,
-)
+    from mpirouter import MPIRouter, route, MoE, MoEConfig, MoELM, preset_config
 
-__version__ = "0.1.0"
+The public API is the model layer, `mpirouter.core`, re-exported here; the trainer, optimizers,
+integrations and experiments are imported by their package (`mpirouter.trainer`, `mpirouter.optim`,
+`mpirouter.hf`, `mpirouter.experiments.*`). The layout: README, "What it contains".
+"""
 
-__all__ = [
-    "MPIRouter",
-    "ModelConfig",
-    "ModelOutput",
-    "MoE",
-    "MoEConfig",
-    "MoELM",
-    "MoEOutput",
-    "MoEStats",
-    "Router",
-    "RouterConfig",
-    "alignment",
-    "load_balance_loss",
-    "max_violation",
-    "mpi_rows",
-    "mpi_scale",
-    "power_step",
-    "preset_config",
-    "retract",
-    "route",
-    "top_singular_directions",
-]
+from .common.version import __version__
+from .core import *  # noqa: F403  (the list is core.__all__)
+from .core import __all__

@@ -8,7 +8,7 @@
     mpirouter demo
     mpirouter compare --routers linear,mpi --seeds 0,1,2 --out runs/compare
 
-Flags map onto the config dataclasses in `train.py`; any field is reachable with
+Flags map onto the config dataclasses (`trainer/config.py` and the configs it nests); any field is reachable with
 `--set section.field=value` (e.g. `--set model.moe.top_k=4 --set schedule.kind=wsd`). Bad input
 gets one line on stderr and exit code 2; a training stopped by a non-finite loss exits 3; one
 stopped by SIGINT/SIGTERM (after writing a checkpoint) exits 128 + the signal number.
@@ -66,13 +66,14 @@ def train_config(args, explicit: set[str]) -> "TrainConfig":
     --resume, which starts from the checkpoint's config), the file gives the defaults and the flags
     given explicitly on the command line win over it; `--set` overrides come last.
     """
-    from .checkpoint import load_checkpoint
-    from .config import apply_overrides, from_dict, to_dict
-    from .data import DataConfig
-    from .model import preset_config
-    from .routers import RouterConfig
-    from .rundir import check_not_locked
-    from .train import OptimConfig, TrainConfig
+    from .common.config import apply_overrides, from_dict, to_dict
+    from .core.model import preset_config
+    from .core.routers import RouterConfig
+    from .optim import OptimConfig
+    from .trainer.checkpoint import load_checkpoint
+    from .trainer.config import TrainConfig
+    from .trainer.data import DataConfig
+    from .trainer.rundir import check_not_locked
 
     for dest in ("config", "out", "data", "tokenizer"):
         if getattr(args, dest) == "":
@@ -140,7 +141,7 @@ def cmd_train(args) -> int:
     run-time --set fields (logging, evals, checkpoints); anything else is refused. Ctrl-C or SIGTERM
     finishes the step, writes a checkpoint and says how to resume.
     """
-    from .train import train
+    from .trainer.loop import train
 
     cfg = train_config(args, args.explicit)
     result = train(cfg, resume=args.resume, stop_at=args.stop_at, force=args.force)
@@ -163,7 +164,8 @@ def cmd_sample(args) -> int:
     """
     import torch
 
-    from .train import load_model, resolve_device, run_tokenizer
+    from .trainer.checkpoint import load_model, run_tokenizer
+    from .trainer.device import resolve_device
 
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
@@ -187,7 +189,7 @@ def cmd_export(args) -> int:
     Fold the routers into plain linear routers (φ computed once) and write an ordinary checkpoint.
     Never replaces anything but an earlier export, and that only with --force.
     """
-    from .export import export_checkpoint
+    from .trainer.export import export_checkpoint
 
     try:
         path = export_checkpoint(args.checkpoint, args.out, verify=not args.no_verify, force=args.force)
@@ -202,7 +204,7 @@ def cmd_inspect(args) -> int:
 
     Per layer and expert: alignment of φ and of R, load share, norms, σ1 and σ2/σ1 of the gate matrix, gain.
     """
-    from .inspection import inspect_checkpoint
+    from .experiments.inspection import inspect_checkpoint
 
     if args.batches < 0:
         raise ValueError(f"--batches must be >= 0, got {args.batches}")
@@ -211,17 +213,22 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """mpirouter bench --shapes tiny,small,fine --reps 5
+    """mpirouter bench --shapes tiny,small,fine --reps 5 --repeat 3
 
-    MoE layer forward+backward of each implementation side by side (interleaved medians), and the
-    MPI rows' share of a training step.
+    MoE layer forward+backward of each implementation side by side (this package's dispatch paths,
+    Hugging Face transformers' Qwen3-MoE block, a naive loop, a dense layer), timed interleaved and
+    repeated, as a share of a matmul ceiling timed alongside; and the MPI rows' share of a training
+    step. With --device cuda (the default where CUDA is available): bf16 autocast, CUDA-event
+    timing, shape `large` added and the router share taken at the `large` preset.
     """
-    from .bench import run_bench
+    from .experiments.bench import run_bench
 
-    from .model import PRESETS
+    from .core.model import PRESETS
 
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     if args.router_preset and args.router_preset not in PRESETS:
         raise ValueError(f"--router-preset {args.router_preset!r} is not one of {', '.join(PRESETS)} ('' to skip)")
     if args.json is not None:  # checked before minutes of benchmarking, not after
@@ -230,7 +237,9 @@ def cmd_bench(args) -> int:
             raise FileExistsError(f"--json {path} already exists; choose another file")
         if not path.parent.is_dir():
             raise FileNotFoundError(f"--json {path}: folder {path.parent} does not exist")
-    results = run_bench([s.strip() for s in args.shapes.split(",")], reps=args.reps, router_preset=args.router_preset or None)
+    shapes = [s.strip() for s in args.shapes.split(",")] if args.shapes is not None else None
+    results = run_bench(shapes, reps=args.reps, repeat=args.repeat, router_preset=args.router_preset, device=args.device,
+                        precision=args.precision)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -242,7 +251,7 @@ def cmd_demo(args) -> int:
     The main job: train linear and mpi routers side by side (same seed: same initial weights and
     batches) on the embedded corpus and compare them (summary.md, summary.json, curves.png).
     """
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     run_demo(out_dir=args.out, steps=args.steps, routers=args.routers.split(","), seed=args.seed, preset=args.preset,
              data_path=args.data, tokenizer=args.tokenizer)
@@ -254,7 +263,7 @@ def cmd_compare(args) -> int:
 
     A matched grid of trainings (routers × seeds × optimizers × C' × lr) and a report comparing them.
     """
-    from .compare import cli_main
+    from .experiments.compare import cli_main
 
     return cli_main(args)
 
@@ -264,10 +273,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .model import PRESETS
+    from .common.version import __version__
+    from .core.model import PRESETS
     from .optim import OPTIMIZERS
-    from .routers import POWER_TARGETS, ROUTER_KINDS
+    from .core.routers import POWER_TARGETS, ROUTER_KINDS
 
     p = argparse.ArgumentParser(prog="mpirouter", description="MoE routers that follow their experts (MPI).", allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"mpirouter {__version__}")
@@ -323,9 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     b = add("bench", cmd_bench, "MoE layer and router speed, side by side")
-    b.add_argument("--shapes", default="tiny,small,fine", help="comma-separated layer shapes")
-    b.add_argument("--reps", type=int, default=5, help="timed repetitions (medians reported)")
-    b.add_argument("--router-preset", default="tiny", help="model preset for the router-share measurement ('' to skip)")
+    b.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    b.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    b.add_argument("--shapes", default=None, help="comma-separated layer shapes; None: tiny,small,fine (and large on CUDA)")
+    b.add_argument("--reps", type=int, default=5, help="timed reps per repeat, interleaved across variants (their median is the repeat's figure)")
+    b.add_argument("--repeat", type=int, default=3, help="whole measurements, round-robin over variants; median and min-max over them reported")
+    b.add_argument("--router-preset", default=None, help="model preset for the router-share measurement; None: large on CUDA, tiny on CPU; '' skips it")
     b.add_argument("--json", default=None, help="also write the numbers to this file")
     b.set_defaults(func=cmd_bench)
 
@@ -339,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tokenizer", default="byte", help=tok_help)
     d.set_defaults(func=cmd_demo)
 
-    from .compare import add_arguments as compare_arguments
+    from .experiments.compare import add_arguments as compare_arguments
 
     c = add("compare", cmd_compare, "matched grid: routers x seeds (x optimizers x C' x lr), report.md + plots")
     compare_arguments(c)
@@ -361,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser.subcommands[args.command], argv[argv.index(args.command) + 1:])
-    from .rundir import RunLockedError
-    from .train import NonFiniteLossError, TrainingInterrupted
+    from .trainer.loop import NonFiniteLossError, TrainingInterrupted
+    from .trainer.rundir import RunLockedError
 
     where = f"mpirouter {args.command}"
     try:

