@@ -24,6 +24,7 @@ from mpirouter.optim import OptimConfig, build_optimizer
 from mpirouter.trainer.config import TrainConfig
 from mpirouter.trainer.device import StepTimer
 from mpirouter.trainer.loop import train
+from mpirouter.trainer.schedule import ScheduleConfig
 from mpirouter.trainer.step import NonFiniteWatch, train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -100,9 +101,12 @@ def test_fused_adamw_on_cuda():
     assert build_optimizer(model, OptimConfig()).defaults.get("fused") is True
 
 
-@pytest.mark.parametrize("accum", [1, 2], ids=["one-micro-batch", "two-micro-batches"])
-def test_a_training_step_never_syncs(accum):
-    """Between log steps: zero host-device synchronizations (torch raises on the first one)."""
+@pytest.mark.parametrize("accum,batch", [(1, 8), (2, 8), (1, 32)], ids=["one-micro-batch", "two-micro-batches", "4096-tokens"])
+def test_a_training_step_never_syncs(accum, batch):
+    """Between log steps: zero host-device synchronizations (torch raises on the first one).
+
+    4096 tokens: above 3072 indices torch's embedding backward takes another (sort-based) CUDA path.
+    """
     if not hopper_or_later():
         pytest.skip("the sync-free dispatch (bf16 grouped_mm) needs compute capability >= 9.0")
     torch.manual_seed(0)
@@ -110,7 +114,7 @@ def test_a_training_step_never_syncs(accum):
     model = MoELM(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router=RouterConfig(kind="mpi")))).to(CUDA)
     opt = build_optimizer(model, OptimConfig())
     V = cfg.vocab_size
-    batches = [(torch.randint(V, (8, 128), device=CUDA), torch.randint(V, (8, 128), device=CUDA)) for _ in range(accum)]
+    batches = [(torch.randint(V, (batch, 128), device=CUDA), torch.randint(V, (batch, 128), device=CUDA)) for _ in range(accum)]
     watch, timer = NonFiniteWatch(CUDA), StepTimer(CUDA)
     train_step(model, model, opt, batches, torch.bfloat16, 1.0)  # first step: lazy state allocation
     torch.cuda.synchronize()
@@ -127,8 +131,8 @@ def test_a_training_step_never_syncs(accum):
 
 
 def test_a_short_run_learns(tmp_path):
-    cfg = TrainConfig(model=preset_config("debug"), steps=40, batch_size=8, eval_every=0, log_every=10, device="cuda",
-                      out_dir=str(tmp_path / "run"), progress=False)
+    cfg = TrainConfig(model=preset_config("debug"), steps=40, batch_size=8, eval_every=0, log_every=5, device="cuda",
+                      out_dir=str(tmp_path / "run"), progress=False, schedule=ScheduleConfig(warmup_steps=4), optim=OptimConfig(lr=1e-2))
     result = train(cfg)
     losses = [r["lm_loss"] for r in result.history if r.get("event") == "train"]
     assert losses[-1] < losses[0] - 0.5, losses

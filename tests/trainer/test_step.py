@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpirouter.core.model import MoELM, preset_config
 from mpirouter.core.moe import MoEConfig, choose_dispatch, tokens_per_expert
@@ -76,12 +77,34 @@ def test_rows_are_computed_once_per_step_and_their_backward_runs_in_the_last_mic
     assert calls["rows"] == len(model.moe_layers())  # once per layer for the whole step
 
 
-def test_rows_per_step_rejects_bad_indices():
+def test_rows_per_step_rejects_bad_indices_and_a_second_last_take():
     shared = RowsPerStep([torch.zeros(2, 3, requires_grad=True)], 2)
     with pytest.raises(ValueError, match="outside 0..1"):
         shared.for_micro_batch(2)
     with pytest.raises(ValueError, match="micro_batches"):
         RowsPerStep([], 0)
+    shared.for_micro_batch(1)
+    with pytest.raises(RuntimeError, match="already taken"):
+        shared.for_micro_batch(1)
+
+
+def test_the_syncing_op_guard_sees_ops_called_from_cpp():
+    """What the step test relies on: bincount and .item() are seen (the loop path's bounds too)."""
+    with NoSyncingOps() as ops:
+        torch.bincount(torch.tensor([0, 2, 2]))
+        torch.tensor(1.0).item()
+    assert ops.seen == ["bincount", "_local_scalar_dense"]
+
+
+def test_an_empty_last_micro_batch_still_delivers_the_earlier_gradients():
+    """A layer that sees no tokens keeps the given rows on its output's graph, so φ's backward still runs."""
+    model = model_for("mpi")
+    moe = model.moe_layers()[0]
+    x = torch.randn(2, 4, model.config.dim)
+    shared = RowsPerStep([moe.router_rows()], 2)
+    moe(x, shared.for_micro_batch(0)[0]).out.square().sum().backward()
+    moe(x[:0], shared.for_micro_batch(1)[0]).out.sum().backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
 def test_linear_routers_are_not_shared():
@@ -112,6 +135,22 @@ def test_train_step_matches_a_plain_step(accum):
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+SYNCING_OPS = ("_local_scalar_dense", "bincount", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave")
+"""aten ops that read a value to the host or whose output size depends on the data (a sync on CUDA)."""
+
+
+class NoSyncingOps(TorchDispatchMode):
+    """Records every aten op of SYNCING_OPS run inside it, including those called from C++."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNCING_OPS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 def test_a_step_reads_nothing_on_the_host(monkeypatch):
@@ -137,9 +176,11 @@ def test_a_step_reads_nothing_on_the_host(monkeypatch):
             return _real(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    out = train_step(model, model, opt, batches, amp=None, grad_clip=1.0)
-    watch.update(0, out)
+    with NoSyncingOps() as ops:
+        out = train_step(model, model, opt, batches, amp=None, grad_clip=1.0)
+        watch.update(0, out)
     assert reads == [], f"host reads inside a step: {sorted(set(reads))}"
+    assert ops.seen == [], f"syncing aten ops inside a step: {sorted(set(ops.seen))}"
     monkeypatch.undo()
     assert watch.check() is None and set(out.read()) == set(StepOutput._fields)
 

@@ -282,14 +282,15 @@ def moe_forward_sorted(
     T, D = x_TD.shape
     E = w_gate_EFD.shape[0]
     K = routing.experts_TK.shape[1]
-    if torch.is_autocast_enabled(x_TD.device.type):
-        # one cast of the T tokens before they are gathered K times (and one per weight), not one per matmul
-        dt = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, w_gate_EFD, w_up_EFD, w_down_EDF = x_TD.to(dt), w_gate_EFD.to(dt), w_up_EFD.to(dt), w_down_EDF.to(dt)
     flat_experts_M = routing.experts_TK.reshape(-1)
     order_M = torch.argsort(flat_experts_M, stable=True)
     counts_E = tokens_per_expert(flat_experts_M, E)
     x_MD = x_TD.index_select(0, order_M // K)
+    if torch.is_autocast_enabled(x_TD.device.type):
+        # one cast of the routed rows (gate and up share it) and one per weight, not one per matmul; after
+        # the gather, so its backward still adds the K copies' gradients in the input's precision
+        dt = torch.get_autocast_dtype(x_TD.device.type)
+        x_MD, w_gate_EFD, w_up_EFD, w_down_EDF = x_MD.to(dt), w_gate_EFD.to(dt), w_up_EFD.to(dt), w_down_EDF.to(dt)
     impl = resolve_dispatch(x_MD, w_gate_EFD, impl)
     bounds = expert_bounds(counts_E) if impl == "loop" else None
     h_MF = F.silu(grouped_linear(x_MD, w_gate_EFD, counts_E, impl, bounds)) * grouped_linear(x_MD, w_up_EFD, counts_E, impl, bounds)
@@ -340,7 +341,7 @@ class MoE(nn.Module):
         cfg = self.config
         B, S, D = x_BSD.shape
         if B * S == 0:
-            return self._empty_output(x_BSD)
+            return self._empty_output(x_BSD) if rows_ED is None else self._empty_output_with_rows(x_BSD, rows_ED)
         x_TD = x_BSD.reshape(B * S, D)
         logits_TE = self.router(x_TD, self.w_gate, self.w_up, rows_ED)
         routing = route(logits_TE, cfg.top_k, cfg.renormalize)
@@ -374,6 +375,12 @@ class MoE(nn.Module):
         )
         # x * 0 rather than new zeros: it stays on x's graph, so a caller's backward through the output works
         return MoEOutput(x_BSD * 0, stats)
+
+    def _empty_output_with_rows(self, x_BSD: torch.Tensor, rows_ED: torch.Tensor) -> MoEOutput:
+        """`_empty_output`, with the given rows on the output's graph: the last micro-batch's backward must
+        reach them (`RowsPerStep` delivers the earlier micro-batches' ∂L/∂φ through it)."""
+        out, stats = self._empty_output(x_BSD)
+        return MoEOutput(out + (rows_ED.sum() * 0).to(out.dtype), stats)
 
     @torch.no_grad()
     def post_step(self) -> None:

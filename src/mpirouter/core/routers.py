@@ -313,6 +313,10 @@ class RowsPerStep:
     gradient, so the backward through φ's graph (into R, G, U) runs once, inside the last
     micro-batch's backward: where DDP/FSDP hooks expect every parameter's gradient. The
     gradients equal recomputing φ per micro-batch, up to the order of summation.
+
+    Each micro-batch must call `.backward()` (not `torch.autograd.grad`, which leaves the copy's
+    gradient empty), and the last one's loss must depend on the rows it was given; the rows of the
+    last micro-batch can be taken once.
     """
 
     def __init__(self, rows: list[torch.Tensor], micro_batches: int):
@@ -320,6 +324,7 @@ class RowsPerStep:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.rows, self.micro_batches = rows, micro_batches
         self.detached = [r.detach().requires_grad_(r.requires_grad) for r in rows]
+        self._last_taken = False
 
     def for_micro_batch(self, i: int) -> list[torch.Tensor]:
         """The rows micro-batch `i` (0-based) routes with."""
@@ -327,4 +332,7 @@ class RowsPerStep:
             raise ValueError(f"micro-batch {i} is outside 0..{self.micro_batches - 1}")
         if i < self.micro_batches - 1:
             return self.detached
+        if self._last_taken:  # a second graph through the identity would add the earlier gradients twice
+            raise RuntimeError("the last micro-batch's rows were already taken; make a new RowsPerStep for the next step")
+        self._last_taken = True
         return [_AddAccumulatedGrad.apply(r, d) if r.requires_grad else r for r, d in zip(self.rows, self.detached)]

@@ -36,12 +36,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on CPU, where every op is already done when it returns)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class StepTimer:
     """Per-step durations: CUDA events on a GPU (no synchronization until `read`), wall time on CPU."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import torch
 
@@ -15,7 +14,7 @@ from ..core.model import MoELM
 from ..core.moe import max_violation
 from .config import TrainConfig
 from .data import iter_eval_batches
-from .device import autocast_dtype, sync
+from .device import StepTimer, autocast_dtype
 
 
 @torch.no_grad()
@@ -89,14 +88,13 @@ def router_cost_ms(model: MoELM, reps: int = 10) -> float:
     """
     moes = model.moe_layers()
     params = [p for m in moes for p in (m.router.weight, m.w_gate, m.w_up)]
-    times = []
+    timer = StepTimer(params[0].device)  # the same clock as the training step's (CUDA events on a GPU)
     for i in range(reps + 2):
-        sync(params[0].device)
-        t0 = time.perf_counter()
+        timer.start()
         loss = sum(m.router.rows(m.w_gate, m.w_up).sum() for m in moes)
         if loss.requires_grad:
             torch.autograd.grad(loss, [p for p in params if p.requires_grad], allow_unused=True)
-        sync(params[0].device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        timer.stop()
+        if i < 2:
+            timer.read()  # warm-up
+    return 1000 * statistics.median(timer.read())

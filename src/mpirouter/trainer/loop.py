@@ -220,6 +220,7 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
     model.train()
     timer = StepTimer(device)
     watch = NonFiniteWatch(device)
+    values: dict[str, float] = {}  # the last logged step's scalars (for the progress bar)
 
     def check_finite() -> None:
         problem = watch.check()  # sync point: only where the loop reads from the device anyway
@@ -266,7 +267,7 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
                                       prefix_batches=cfg.eval_batches if last else None)
                 metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
                 if bar is not None:
-                    bar.set_postfix(val=f"{final_eval['val_loss']:.3f}")
+                    bar.set_postfix(loss=f"{values['lm_loss']:.3f}" if values else "?", val=f"{final_eval['val_loss']:.3f}")
             if saving:
                 save(done)
             if stop.requested and done < end_step:
