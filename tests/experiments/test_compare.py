@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import shlex
 from pathlib import Path
 

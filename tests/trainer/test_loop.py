@@ -379,3 +379,21 @@ def test_compiled_model_with_accumulation_matches_eager(tmp_path, data, monkeypa
     eager = train(cfg_for(tmp_path / "eager", steps=3, grad_accum=2, log_every=1, eval_every=0), data=data)
     compiled = train(cfg_for(tmp_path / "compiled", steps=3, grad_accum=2, log_every=1, eval_every=0, compile=True), data=data)
     assert curve(compiled) == pytest.approx(curve(eager), rel=1e-6)
+
+
+def test_a_signal_during_a_mid_run_eval_checkpoints_that_step(tmp_path, data, monkeypatch):
+    import mpirouter.trainer.loop as train_mod
+
+    real = train_mod.evaluate
+
+    def signal_then_evaluate(*a, **k):
+        if not getattr(signal_then_evaluate, "sent", False):
+            signal_then_evaluate.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", signal_then_evaluate)
+    cfg = cfg_for(tmp_path, steps=8, eval_every=4, ckpt_every=0)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg, data=data)
+    assert info.value.step == 4 and ckpt.resolve_checkpoint(cfg.out_dir).name == "step_0000004"

@@ -245,9 +245,13 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
             done = step + 1
             if bar is not None:
                 bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            logging = done % cfg.log_every == 0 or done == cfg.steps
+            evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+            saving = (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step or stop.requested
+            if logging or evaluating or saving:
+                check_finite()  # before anything is logged, evaluated or saved
+            if logging:
                 values = out.read()  # sync point: one host read per logging interval
-                check_finite()
                 times = timer.read()
                 step_times.extend(times)
                 dt = times[-1]
@@ -257,10 +261,6 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
                                "tokens": done * tokens_per_step})
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['lm_loss']:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-            evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
-            saving = (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step or stop.requested
-            if evaluating or saving:
-                check_finite()
             if evaluating:
                 last = done == cfg.steps
                 final_eval = evaluate(model, data.val_ids, cfg, device, None if last else cfg.eval_batches,
@@ -268,7 +268,7 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
                 metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['lm_loss']:.3f}" if values else "?", val=f"{final_eval['val_loss']:.3f}")
-            if saving:
+            if saving or stop.requested:  # re-read: a signal may have come during the eval (the check above covered this step)
                 save(done)
             if stop.requested and done < end_step:
                 raise TrainingInterrupted(stop.requested, done, ckpt.resolve_checkpoint(run_dir), run_dir)
