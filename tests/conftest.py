@@ -5,3 +5,46 @@ import torch
 # The suite's tensors are small: one thread is as fast, and it avoids OpenMP spin-waits that make a
 # 2-core machine shared with other jobs up to 100x slower (seen here while benchmarks ran).
 torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- multi-process tests
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 180, env: dict | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc script args` with gloo on CPU; never hangs.
+
+    The launch gets its own process group, killed whole when `timeout` passes (the test then fails
+    with the output so far). check=True fails the test on a non-zero exit, showing the output's tail.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--monitor-interval=0.2", str(script), *map(str, args)]
+    # GLIBC_TUNABLES set: the mpirouter CLI does not re-exec itself (one interpreter start per rank, not two)
+    full_env = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736", **os.environ,
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun {Path(script).name} did not finish in {timeout:.0f} s (killed):\n{out[-4000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun {Path(script).name} exited {proc.returncode}:\n{out[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """`torchrun(script, nproc, *args, timeout=180, env=None, check=True)`: see `run_torchrun`."""
+    return run_torchrun

@@ -1,6 +1,6 @@
 """The package's layers depend only downward (README, "What it contains").
 
-    common (0) <- core (1) <- optim (2) <- trainer (3), integrations (3) <- experiments (4) <- cli (5)
+    common (0) <- core (1) <- optim (2), parallel (2) <- trainer (3), integrations (3) <- experiments (4) <- cli (5)
 
 Read from the source with `ast`, so an import hidden inside a function counts as much as one at
 the top of a file. Only the CLI imports inside functions (it re-executes itself with glibc
@@ -19,7 +19,8 @@ import pytest
 import mpirouter
 
 PACKAGE = Path(mpirouter.__file__).resolve().parent
-LAYERS = {"common": 0, "core": 1, "optim": 2, "trainer": 3, "integrations": 3, "experiments": 4, "cli": 5}
+LAYERS = {"common": 0, "core": 1, "optim": 2, "parallel": 2, "trainer": 3, "integrations": 3, "experiments": 4, "cli": 5, "__main__": 6}
+"""`__main__` is `python -m mpirouter`: it only runs the CLI."""
 API = ("__init__", "hf")
 """The package root and the `mpirouter.hf` alias: re-exports for users, imported by nothing inside."""
 THIRD_PARTY_OF = {"common": set(), "core": {"torch"}}
@@ -78,7 +79,7 @@ def violations(root: Path) -> list[str]:
             if target.split(".")[0] != root.name:
                 continue
             theirs = layer_of(target)
-            if theirs == "cli":
+            if theirs == "cli" and mine != "__main__":
                 found.append(f"{where} imports {target}: nothing imports the CLI")
             elif theirs in API and mine not in API:
                 found.append(f"{where} imports {target}: inside the package import the module, not the re-exports")

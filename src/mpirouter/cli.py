@@ -29,6 +29,11 @@ from pathlib import Path
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
+def _rank() -> int:
+    """This process's rank in a torchrun job (0 outside one)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _maybe_reexec(argv: list[str]) -> None:
     if sys.platform != "linux" or os.environ.get("MPIROUTER_NO_REEXEC") or "GLIBC_TUNABLES" in os.environ:
         return
@@ -81,11 +86,12 @@ def train_config(args, explicit: set[str]) -> "TrainConfig":
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-        check_not_locked(args.out)  # another job running there: say so before reading its checkpoints
+        if _rank() == 0:  # in a torchrun job rank 0 takes the lock for all: the others would find it taken
+            check_not_locked(args.out)  # another job running there: say so before reading its checkpoints
         for flag in ("config", "force"):
             if flag in explicit:
                 raise ValueError(f"--{flag} cannot be combined with --resume (the checkpoint holds the run's config)")
-        saved, _, _ = load_checkpoint(args.out, with_state=False, fallback=True, say=lambda _: None)
+        saved, _, _ = load_checkpoint(args.out, with_state=False, fallback=True, say=lambda _: None, weights=False)
         base = to_dict(from_dict(TrainConfig, saved))
         explicit = explicit | {"out"}  # a moved or copied run continues where it is now
     elif args.config is not None:
@@ -145,6 +151,8 @@ def cmd_train(args) -> int:
 
     cfg = train_config(args, args.explicit)
     result = train(cfg, resume=args.resume, stop_at=args.stop_at, force=args.force)
+    if _rank() != 0:  # rank 0 reports for a torchrun job
+        return 0
     ev = result.final_eval or {}
     steps = f"step {result.step}"
     if result.step_time_median_s == result.step_time_median_s:  # not nan: steps ran (or were recorded)
@@ -212,6 +220,26 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _bench_dist(args) -> dict:
+    import argparse as _argparse
+
+    from .core.model import PRESETS
+    from .experiments.bench_dist import run_bench_dist
+    from .trainer.device import resolve_device
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}")
+    for name in ("nproc", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % args.nproc:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by --nproc {args.nproc}")
+    device = resolve_device(args.device).type
+    ns = _argparse.Namespace(preset=args.preset, batch_size=args.batch_size, steps=args.steps, warmup=3, device=device,
+                             nproc=args.nproc, repeat=args.repeat, timeout=900)
+    return run_bench_dist(ns)
+
+
 def cmd_bench(args) -> int:
     """mpirouter bench --shapes tiny,small,fine --reps 5 --repeat 3
 
@@ -237,6 +265,11 @@ def cmd_bench(args) -> int:
             raise FileExistsError(f"--json {path} already exists; choose another file")
         if not path.parent.is_dir():
             raise FileNotFoundError(f"--json {path}: folder {path.parent} does not exist")
+    if args.dist:
+        results = _bench_dist(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     shapes = [s.strip() for s in args.shapes.split(",")] if args.shapes is not None else None
     results = run_bench(shapes, reps=args.reps, repeat=args.repeat, router_preset=args.router_preset, device=args.device,
                         precision=args.precision)
@@ -266,6 +299,42 @@ def cmd_compare(args) -> int:
     from .experiments.compare import cli_main
 
     return cli_main(args)
+
+
+def cmd_prepare_data(args) -> int:
+    """mpirouter prepare-data --out data/shakespeare-bpe --tokenizer bpe
+
+    Tokenize a corpus once into a folder that every training process memory-maps instead of reading
+    and tokenizing the text itself (one copy in RAM per machine, not one per rank): train.bin and
+    val.bin (token ids: uint16, or uint32 for vocabularies over 65,536), meta.json (counts,
+    tokenizer, split, corpus sha256, each file's sha256) and, unless the tokenizer is bytes,
+    tokenizer.json. Train with `mpirouter train --data DIR` and the tokenizer and split it was made
+    with (the command printed at the end; a contradiction is refused). The split and ids equal those
+    of training on the corpus itself. Never overwrites: --out must be new or empty. --verify DIR
+    rechecks every file's sha256.
+    """
+    from .trainer.data import DataConfig, prepare_shards, prepared_flags
+    from .trainer.shards import verify_shards
+
+    if args.verify is not None:
+        meta = verify_shards(args.verify)
+        print(f"{args.verify}: ok ({meta.train_tokens:,} train / {meta.val_tokens:,} val {meta.dtype} tokens; "
+              f"every file matches its sha256 in meta.json)")
+        return 0
+    for dest in ("out", "data", "tokenizer", "jsonl_field"):
+        if getattr(args, dest) == "":
+            raise ValueError(f"--{dest.replace('_', '-')} must not be empty")
+    cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
+                     val_fraction=args.val_fraction, jsonl_field=args.jsonl_field)
+    try:
+        meta = prepare_shards(cfg, args.out)
+    except ImportError as e:  # an optional package (tokenizers, datasets) is missing: say which, in one line
+        raise ValueError(str(e)) from None
+    src = meta.source
+    print(f"prepared {args.out}: {meta.train_tokens:,} train / {meta.val_tokens:,} val tokens ({meta.dtype}), "
+          f"tokenizer {src.tokenizer} ({src.vocab_size:,} tokens), corpus {src.corpus} sha256 {src.corpus_sha256[:16]}…")
+    print("train on it: mpirouter train " + shlex.join(prepared_flags(args.out, meta)))
+    return 0
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -339,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3, help="whole measurements, round-robin over variants; median and min-max over them reported")
     b.add_argument("--router-preset", default=None, help="model preset for the router-share measurement; None: large on CUDA, tiny on CPU; '' skips it")
     b.add_argument("--json", default=None, help="also write the numbers to this file")
+    b.add_argument("--dist", action="store_true", help="instead: the trainer's step, 1 process vs DDP/FSDP2 under torchrun "
+                   "(experiments/bench_dist.py)")
+    b.add_argument("--nproc", type=int, default=2, help="--dist: processes of the distributed variants")
+    b.add_argument("--preset", default="tiny", help="--dist: model preset")
+    b.add_argument("--batch-size", type=int, default=16, help="--dist: global batch, split over the processes")
+    b.add_argument("--steps", type=int, default=10, help="--dist: timed steps per block")
     b.set_defaults(func=cmd_bench)
 
     d = add("demo", cmd_demo, "train linear and mpi routers side by side and compare")
@@ -356,6 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = add("compare", cmd_compare, "matched grid: routers x seeds (x optimizers x C' x lr), report.md + plots")
     compare_arguments(c)
     c.set_defaults(func=cmd_compare)
+
+    from .trainer.data import DataConfig
+
+    pd = add("prepare-data", cmd_prepare_data, "tokenize a corpus once into memory-mapped token files")
+    where = pd.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", default=None, help="new (or empty) folder for train.bin, val.bin, meta.json, tokenizer.json")
+    where.add_argument("--verify", default=None, metavar="DIR", help="recheck a prepared folder's files against meta.json instead")
+    pd.add_argument("--data", default=None, help=data_help + "; .parquet/.arrow need mpirouter[datasets]")
+    pd.add_argument("--tokenizer", default="byte", help=tok_help)
+    pd.add_argument("--bpe-vocab-size", type=int, default=DataConfig.bpe_vocab_size, help="vocabulary size of a trained BPE")
+    pd.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction, help="last share of the text held out for validation")
+    pd.add_argument("--jsonl-field", default=DataConfig.jsonl_field, help="field (column) read from JSONL, Parquet and Arrow records")
+    pd.set_defaults(func=cmd_prepare_data)
     p.subcommands = sub.choices
     return p
 
@@ -376,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer.loop import NonFiniteLossError, TrainingInterrupted
     from .trainer.rundir import RunLockedError
 
-    where = f"mpirouter {args.command}"
+    where = f"mpirouter {args.command}" + (f" [rank {_rank()}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
     try:
         return args.func(args)
     except TrainingInterrupted as e:
@@ -402,6 +490,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{where}: error: out of memory ({_one_line(e)[:200]}); use a smaller batch or model", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """End a torchrun job's process group cleanly (torch warns at exit otherwise); nothing to do in one process."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_grouped_linear_rejects_missing_grouped_mm(monkeypatch):
         grouped_linear(torch.randn(4, 3), torch.randn(2, 5, 3), torch.tensor([2, 2]), "grouped_mm")
 
 
-@pytest.mark.parametrize("scope", ["sequence", "batch"])
+@pytest.mark.parametrize("scope", ["sequence", "batch", "global"])
 def test_aux_loss_equals_coef_at_perfectly_uniform_routing(scope):
     B, S, E, K = 3, 8, 4, 2
     probs = torch.full((B, S, E), 1.0 / E)
@@ -114,6 +114,61 @@ def test_aux_loss_sequence_and_batch_scopes_differ_when_sequences_are_unbalanced
     batch = load_balance_loss(probs, experts, 1.0, "batch").item()
     assert per_seq == pytest.approx(2 * 0.9)  # E * f(=1) * P(=0.9)
     assert batch == pytest.approx(2 * (0.5 * 0.5 + 0.5 * 0.5))
+
+
+def test_global_aux_loss_without_torch_distributed_is_the_batch_loss():
+    """One process: the expert counts summed over "all ranks" are this process's, so "global" = "batch"."""
+    assert not torch.distributed.is_initialized()
+    torch.manual_seed(4)
+    probs = torch.softmax(torch.randn(3, 7, 5), -1).requires_grad_(True)
+    experts = torch.topk(probs.detach() + 0.3 * torch.rand(3, 7, 5), 2).indices
+    batch = load_balance_loss(probs, experts, 0.1, "batch")
+    glob = load_balance_loss(probs, experts, 0.1, "global")
+    torch.testing.assert_close(glob, batch)
+    torch.testing.assert_close(torch.autograd.grad(glob, probs)[0], torch.autograd.grad(batch, probs)[0])
+    assert load_balance_loss(probs, experts, 0.1, "sequence").item() != pytest.approx(batch.item())  # the cases differ
+
+
+def test_moe_layer_with_global_scope_matches_batch_scope_in_one_process():
+    torch.manual_seed(5)
+    layers = {scope: MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8, aux_loss_coef=0.05, aux_loss_scope=scope)) for scope in ("batch", "global")}
+    layers["global"].load_state_dict(layers["batch"].state_dict())
+    x = torch.randn(3, 5, 16)
+    aux = {scope: m(x).stats.aux_loss for scope, m in layers.items()}
+    torch.testing.assert_close(aux["global"], aux["batch"])
+    grads = {scope: torch.autograd.grad(a, layers[scope].router.weight)[0] for scope, a in aux.items()}
+    torch.testing.assert_close(grads["global"], grads["batch"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "mpi", "power", "retract", "mpi-inplace"])
+def test_router_rows_of_an_expert_shard_are_that_shard_of_the_rows(kind):
+    """What expert parallelism relies on: φ_i needs only R_i and G_i (and U_i), so each rank computes its own rows."""
+    torch.manual_seed(6)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8, router=RouterConfig(kind=kind, target="gate_up")))
+    shard = slice(2, 4)
+    rows = moe.router.rows(moe.w_gate[shard], moe.w_up[shard], moe.router.weight[shard])
+    torch.testing.assert_close(rows, moe.router_rows()[shard])
+
+
+def test_inplace_update_of_a_shard_writes_only_that_shard():
+    torch.manual_seed(7)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8, router=RouterConfig(kind="mpi-inplace")))
+    before = moe.router.weight.detach().clone()
+    with torch.no_grad():
+        moe.w_gate.add_(0.05 * torch.randn_like(moe.w_gate))  # an optimizer step: R is no longer the projection
+        full = moe.router.weight.clone()
+        moe.router.inplace_update(moe.w_gate, moe.w_up, full)
+        moe.router.inplace_update(moe.w_gate[2:], moe.w_up[2:], moe.router.weight[2:])
+    assert torch.equal(moe.router.weight[:2], before[:2])
+    torch.testing.assert_close(moe.router.weight[2:], full[2:])
+    assert not torch.equal(full[2:], before[2:])
+
+
+def test_fold_router_refuses_a_layer_with_sharded_experts():
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8))
+    moe.ep = object()  # stands for a parallel.expert.ExpertParallel plan
+    with pytest.raises(RuntimeError, match="fold_router needs the full expert stacks"):
+        moe.fold_router()
 
 
 @pytest.mark.parametrize(
@@ -145,7 +200,7 @@ def test_route_rejects_top_k_outside_one_to_num_experts(top_k):
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 16), (3, 0, 16)], ids=["no-sequences", "empty-sequences"])
-@pytest.mark.parametrize("scope", ["sequence", "batch"])
+@pytest.mark.parametrize("scope", ["sequence", "batch", "global"])
 def test_empty_batch_gives_empty_output_and_zero_stats(shape, scope):
     moe = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8, aux_loss_coef=0.02, z_loss_coef=0.001, aux_loss_scope=scope))
     x = torch.randn(shape, requires_grad=True)
@@ -185,7 +240,8 @@ def test_fold_router_keeps_layer_outputs():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(num_experts=4, top_k=5), r"top_k must be in \[1, num_experts=4\]"), (dict(aux_loss_scope="global"), "aux_loss_scope"),
+    [(dict(num_experts=4, top_k=5), r"top_k must be in \[1, num_experts=4\]"),
+     (dict(aux_loss_scope="token"), "aux_loss_scope must be 'sequence', 'batch' or 'global', got 'token'"),
      (dict(dispatch="triton"), "dispatch must be"), (dict(top_k=0), r"top_k must be in \[1, num_experts=8\], got 0"),
      (dict(num_experts=0, top_k=0), "num_experts must be >= 1, got 0"), (dict(hidden=0), "hidden .* must be >= 1, got 0"),
      (dict(aux_loss_coef=float("nan")), "aux_loss_coef must be >= 0 and finite, got nan"),

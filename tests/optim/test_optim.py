@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.placement_types import Partial
 
 from mpirouter.trainer.data import DataConfig, prepare_data
 from mpirouter.core.model import MoELM, preset_config
@@ -26,6 +28,7 @@ from mpirouter.optim import (
 )
 from mpirouter.core.routers import RouterConfig
 from mpirouter.optim import OptimConfig, param_groups
+from mpirouter.optim import hyperball_radii, load_hyperball_radii, torch_optimizers, whole_matrix_placements
 from mpirouter.trainer.checkpoint import load_model
 from mpirouter.trainer.config import TrainConfig, resolve_config
 from mpirouter.trainer.loop import train
@@ -368,3 +371,63 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, data, name):
     assert saved_cfg.optim.lr == DEFAULT_LR[name]  # the resolved default is recorded in the run's config
     for (n, p), (_, q) in zip(m_full.state_dict().items(), m_res.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+# ----------------------------------------------------------------------------- sharded parameters, sharded checkpoints (1-process parts)
+# The 2-rank FSDP2/DDP checks are in test_optim_dist.py.
+
+
+def test_whole_matrix_placements_keep_stack_shards_and_replicate_split_matrices():
+    assert whole_matrix_placements((Shard(0),), 3) == (Shard(0),)  # experts of an (E, F, D) stack: whole per rank
+    assert whole_matrix_placements((Shard(0),), 2) == (Replicate(),)  # rows of one matrix: must be gathered
+    assert whole_matrix_placements((Shard(0),), 2, matrix_dims=1) == (Shard(0),)  # "rows" view: each row is a matrix
+    assert whole_matrix_placements((Shard(0), Shard(1), Shard(-1)), 3) == (Shard(0), Replicate(), Replicate())
+    assert whole_matrix_placements((Replicate(), Partial()), 3) == (Replicate(), Replicate())
+
+
+def test_newton_schulz_of_an_empty_stack_is_empty():
+    """A rank may hold no expert of an unevenly sharded stack (E = 1 over 2 ranks)."""
+    assert newton_schulz(torch.zeros(0, 8, 4)).shape == (0, 8, 4)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_stacked_muon_on_a_matrix_is_torch_muon_bitwise_on_cpu():
+    """Under FSDP2 the 2-D weights go to StackedMuon (it gathers whole matrices), under DDP and in one
+    process to torch.optim.Muon: on CPU the two iterations agree bitwise, hence DDP == FSDP2 bitwise."""
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(192, 64), (64, 64), (4, 64)]:
+        w = torch.randn(*shape, generator=gen)
+        a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+        kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+        oa, ob = StackedMuon([a], **kw), torch.optim.Muon([b], **kw)
+        for _ in range(2):
+            g = torch.randn(*shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+            oa.step()
+            ob.step()
+        assert torch.equal(a, b), shape
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_torch_optimizers_and_hyperball_radii_hold_the_whole_state(name):
+    """What a sharded checkpoint saves: the torch optimizers (every parameter in exactly one) and the radii."""
+    torch.manual_seed(0)
+    model = MoELM(preset_config("debug"))
+    opt = build_optimizer(model, OptimConfig(name=name, hyperball_radius="init"))
+    inner = torch_optimizers(opt)
+    assert all(isinstance(o, torch.optim.Optimizer) for o in inner)
+    ids = [id(p) for o in inner for g in o.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    radii = hyperball_radii(model, opt)
+    names = {n for n, p in model.named_parameters() if any(p is q for g in opt.param_groups if g["hyperball"] for q in g["params"])}
+    assert set(radii) == names and (names != set()) == name.endswith("h")
+    if not radii:
+        return
+    name0 = next(iter(radii))
+    saved = {k: v.clone() * 2 for k, v in radii.items()}
+    load_hyperball_radii(model, opt, saved)
+    assert torch.equal(hyperball_radii(model, opt)[name0], saved[name0])
+    with pytest.raises(ValueError, match="Hyperball radii do not match the optimizer: missing"):
+        load_hyperball_radii(model, opt, {k: v for k, v in saved.items() if k != name0})
+    with pytest.raises(ValueError, match="not an optimizer of build_optimizer"):
+        torch_optimizers(object())

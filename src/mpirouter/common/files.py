@@ -37,7 +37,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def fsync_files(folder: Path) -> None:
-    """Flush every file in `folder` to disk (before the folder is renamed into place)."""
-    for f in folder.iterdir():
+    """Flush every file under `folder`, and its subfolders' entries, to disk (before the folder is renamed into place)."""
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_dir():
+            fsync_dir(f)
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

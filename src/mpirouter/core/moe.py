@@ -11,15 +11,20 @@ Expert i computes y_i(x) = D_i (silu(G_i x) * (U_i x)) with
 
 Dispatch sorts the T*K routed slots by expert so each expert multiplies one contiguous
 block of rows (no Python loop over tokens, no capacity, no dropped tokens).
+
+Expert parallelism plugs in through `MoE.ep` (an `ExpertSharding`, `parallel.expert.ExpertParallel`):
+then the expert stacks and R are DTensors sharded over the experts, the layer computes φ for its
+local experts and gathers the rows, and the plan moves the routed slots to their experts' ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,7 +32,7 @@ from ..common.config import check_number, from_dict, show_value
 from .routers import Router, RouterConfig, alignment, select_target
 
 Dispatch = Literal["auto", "loop", "grouped_mm"]
-AuxScope = Literal["sequence", "batch"]
+AuxScope = Literal["sequence", "batch", "global"]
 
 
 @dataclass
@@ -45,7 +50,8 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     """Coefficient of the load-balancing loss coef * E * Σ_i f_i P_i (0 disables it)."""
     aux_loss_scope: AuxScope = "sequence"
-    """Compute f and P per sequence and average (the reference code), or over the micro-batch."""
+    """Compute f and P per sequence and average (the reference code), over the micro-batch, or with f
+    over the global batch of all data-parallel ranks ("global", Megatron-Core's global aux loss)."""
     z_loss_coef: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(logits)^2) (0 disables it)."""
     dispatch: Dispatch = "auto"
@@ -63,8 +69,8 @@ class MoEConfig:
         check_number("hidden (expert hidden size)", self.hidden, integer=True, ge=1)
         check_number("aux_loss_coef", self.aux_loss_coef, ge=0)
         check_number("z_loss_coef", self.z_loss_coef, ge=0)
-        if self.aux_loss_scope not in ("sequence", "batch"):
-            raise ValueError(f"aux_loss_scope must be 'sequence' or 'batch', got {self.aux_loss_scope!r}")
+        if self.aux_loss_scope not in ("sequence", "batch", "global"):
+            raise ValueError(f"aux_loss_scope must be 'sequence', 'batch' or 'global', got {self.aux_loss_scope!r}")
         if self.dispatch not in ("auto", "loop", "grouped_mm"):
             raise ValueError(f"dispatch must be auto, loop or grouped_mm, got {self.dispatch!r}")
 
@@ -133,14 +139,30 @@ def max_violation(load_E: torch.Tensor) -> torch.Tensor:
     return (load_E.max() - mean) / mean.clamp_min(1e-12)
 
 
-def load_balance_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor, coef: float, scope: AuxScope = "sequence") -> torch.Tensor:
+def load_balance_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor, coef: float, scope: AuxScope = "sequence",
+                      group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Switch-style balance loss coef · E · Σ_i f_i P_i (docs/method.md, eq. 7).
 
     f_i: fraction of routed slots sent to expert i (no gradient); P_i: mean probability of
     expert i. scope="sequence" computes both per sequence and averages over the batch, as the
     reference code does; scope="batch" pools all tokens. Equals `coef` at perfectly even routing.
+
+    scope="global" (Megatron-Core's global aux loss): f_i from the expert counts summed over the
+    ranks of `group` (an all-reduce with no gradient; None: the default group), P_i this rank's
+    own mean. With equal token counts per rank the global P_i is the mean over ranks of the local
+    ones, so the mean over ranks of this loss is the "batch"-scope loss of the concatenated global
+    batch, and so is its gradient: the rank average that DDP applies to gradients is the gradient
+    of that mean. Without torch.distributed initialized it equals "batch". A collective: every
+    rank of the group must call it, even with no tokens (then its P_i and its loss are 0).
     """
     B, S, E = probs_BSE.shape
+    if scope == "global":
+        counts_E = tokens_per_expert(experts_BSK.reshape(-1), E)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts_E, group=group)  # int64: exact counts at any batch size
+        f_E = counts_E.float() / counts_E.sum().clamp_min(1)
+        p_E = probs_BSE.float().reshape(B * S, E).sum(0) / max(B * S, 1)
+        return coef * E * (f_E * p_E).sum()
     if scope == "batch":
         probs_BSE, experts_BSK = probs_BSE.reshape(1, B * S, E), experts_BSK.reshape(1, B * S, -1)
     K = experts_BSK.shape[-1]
@@ -266,6 +288,49 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tens
     return _LoopGroupedLinear.apply(x_MI, w_EOI, bounds if bounds is not None else expert_bounds(counts_E))
 
 
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors cast to the autocast dtype when autocast is on for their device, else as they are.
+
+    One cast of the routed rows (gate and up share it) and one per weight, not one per matmul;
+    callers cast the rows after gathering them, so the gather's backward still adds the K copies'
+    gradients in the input's precision.
+    """
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) for t in tensors)
+
+
+def expert_ffn_sorted(x_MD: torch.Tensor, counts_E: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
+                      w_down_EDF: torch.Tensor, impl: Literal["loop", "grouped_mm"], bounds: list[int] | None) -> torch.Tensor:
+    """SwiGLU of every expert on its block of expert-sorted rows: D_e (silu(G_e x) * (U_e x)).
+
+    `impl` already resolved (`resolve_dispatch`); `bounds` = `expert_bounds(counts_E)` for the loop
+    path, computed by the caller so that its host read stays one per layer.
+    """
+    h_MF = F.silu(grouped_linear(x_MD, w_gate_EFD, counts_E, impl, bounds)) * grouped_linear(x_MD, w_up_EFD, counts_E, impl, bounds)
+    return grouped_linear(h_MF, w_down_EDF, counts_E, impl, bounds)
+
+
+def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
+    """inv with inv[order[i]] = i: `y.index_select(0, inv)` undoes `x.index_select(0, order)`."""
+    inverse_M = torch.empty_like(order_M)
+    inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
+    return inverse_M
+
+
+def combine_slots(y_MD: torch.Tensor, order_M: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over each token's K slots, from slot outputs in expert-sorted order `order_M`.
+
+    Gathers the slots back into (T, K) order with the inverse permutation rather than index_add,
+    so it is deterministic on GPU.
+    """
+    T, K = weights_TK.shape
+    y_TKD = y_MD.index_select(0, inverse_permutation(order_M)).view(T, K, y_MD.shape[-1])
+    return (y_TKD * weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
+
+
 def moe_forward_sorted(
     x_TD: torch.Tensor,
     routing: Routing,
@@ -276,33 +341,46 @@ def moe_forward_sorted(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dropless SwiGLU MoE: sort slots by expert, grouped matmuls, weighted combine.
 
-    Returns (out_TD, tokens_per_expert_E). The combine gathers slots back into (T, K) order
-    with the inverse permutation rather than index_add, so it is deterministic on GPU.
+    Returns (out_TD, tokens_per_expert_E).
     """
-    T, D = x_TD.shape
     E = w_gate_EFD.shape[0]
     K = routing.experts_TK.shape[1]
     flat_experts_M = routing.experts_TK.reshape(-1)
     order_M = torch.argsort(flat_experts_M, stable=True)
     counts_E = tokens_per_expert(flat_experts_M, E)
-    x_MD = x_TD.index_select(0, order_M // K)
-    if torch.is_autocast_enabled(x_TD.device.type):
-        # one cast of the routed rows (gate and up share it) and one per weight, not one per matmul; after
-        # the gather, so its backward still adds the K copies' gradients in the input's precision
-        dt = torch.get_autocast_dtype(x_TD.device.type)
-        x_MD, w_gate_EFD, w_up_EFD, w_down_EDF = x_MD.to(dt), w_gate_EFD.to(dt), w_up_EFD.to(dt), w_down_EDF.to(dt)
+    x_MD, w_gate_EFD, w_up_EFD, w_down_EDF = autocast_operands(x_TD.index_select(0, order_M // K), w_gate_EFD, w_up_EFD, w_down_EDF)
     impl = resolve_dispatch(x_MD, w_gate_EFD, impl)
     bounds = expert_bounds(counts_E) if impl == "loop" else None
-    h_MF = F.silu(grouped_linear(x_MD, w_gate_EFD, counts_E, impl, bounds)) * grouped_linear(x_MD, w_up_EFD, counts_E, impl, bounds)
-    y_MD = grouped_linear(h_MF, w_down_EDF, counts_E, impl, bounds)
-    inverse_M = torch.empty_like(order_M)
-    inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
-    y_TKD = y_MD.index_select(0, inverse_M).view(T, K, D)
-    out_TD = (y_TKD * routing.weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
-    return out_TD, counts_E
+    y_MD = expert_ffn_sorted(x_MD, counts_E, w_gate_EFD, w_up_EFD, w_down_EDF, impl, bounds)
+    return combine_slots(y_MD, order_M, routing.weights_TK), counts_E
 
 
 # ----------------------------------------------------------------------------- module
+
+
+class ExpertSharding(Protocol):
+    """What a `MoE` needs from an expert-parallel plan (`parallel.expert.ExpertParallel` is one).
+
+    Shape suffix L: this rank's local experts, E / size of them.
+    """
+
+    size: int
+    """Ranks in the expert-parallel group."""
+
+    def gather_rows(self, rows_LD: torch.Tensor) -> torch.Tensor:
+        """(L, ...) per rank -> (E, ...) in expert order; backward: SUM reduce-scatter."""
+        ...
+
+    def run_experts(self, x_TD: torch.Tensor, routing: Routing, w_gate_LFD: torch.Tensor, w_up_LFD: torch.Tensor,
+                    w_down_LDF: torch.Tensor, impl: Dispatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`moe_forward_sorted` with the experts spread over the group: (out_TD, tokens_per_expert_E)."""
+        ...
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (its experts under expert parallelism), differentiable; a plain tensor as it is."""
+    to_local = getattr(t, "to_local", None)  # duck-typed: core does not import DTensor
+    return t if to_local is None else to_local()
 
 
 class MoE(nn.Module):
@@ -310,7 +388,16 @@ class MoE(nn.Module):
 
     forward(x_BSD) -> MoEOutput(out_BSD, MoEStats). Losses in the stats are already scaled by
     their coefficients; add them to the training loss.
+
+    `ep`: the expert-parallel plan (None: all experts here); set by `parallel.expert.shard_experts`,
+    which also turns w_gate, w_up, w_down and router.weight into DTensors sharded over the experts.
+    Under it every forward, `router_rows` and `alignment` are collectives of the EP group.
+    `balance_group`: the process group whose ranks the "global" balance loss spans (None: the
+    default group, i.e. all ranks).
     """
+
+    ep: ExpertSharding | None
+    balance_group: dist.ProcessGroup | None
 
     def __init__(self, dim: int, config: MoEConfig):
         super().__init__()
@@ -320,6 +407,8 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(E, Fh, dim))
         self.w_up = nn.Parameter(torch.empty(E, Fh, dim))
         self.w_down = nn.Parameter(torch.empty(E, dim, Fh))
+        self.ep = None
+        self.balance_group = None
         self.reset_parameters()
 
     def reset_parameters(self, out_std: float | None = None) -> None:
@@ -333,33 +422,56 @@ class MoE(nn.Module):
         self.post_step()
 
     def router_rows(self) -> torch.Tensor:
-        """The effective router rows φ (E, D), float32, with their graph to R and the experts."""
-        return self.router.rows(self.w_gate, self.w_up)
+        """The effective router rows φ (E, D), float32, with their graph to R and the experts.
+
+        Under expert parallelism each rank computes the rows of its local experts from its shards of
+        R and G (φ_i needs only R_i and G_i) and all-gathers them; the gather's backward is a SUM
+        reduce-scatter, so each G_i gets the router-path gradient of every rank's tokens.
+        (`full_tensor()` on the expert stack instead would keep only this rank's.)
+        """
+        if self.ep is None:
+            return self.router.rows(self.w_gate, self.w_up)
+        rows_LD = self.router.rows(local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight))
+        return self.ep.gather_rows(rows_LD)
+
+    def _needs_collectives(self) -> bool:
+        """Whether a forward talks to other ranks: then it must run even with no tokens, or the others hang."""
+        cfg = self.config
+        global_aux = cfg.aux_loss_scope == "global" and cfg.aux_loss_coef > 0 and dist.is_available() and dist.is_initialized()
+        return self.ep is not None or global_aux
 
     def forward(self, x_BSD: torch.Tensor, rows_ED: torch.Tensor | None = None) -> MoEOutput:
         """`rows_ED`: φ computed beforehand (once per optimizer step, `routers.RowsPerStep`); None computes it here."""
         cfg = self.config
         B, S, D = x_BSD.shape
-        if B * S == 0:
+        T = B * S
+        if T == 0 and not self._needs_collectives():
             return self._empty_output(x_BSD) if rows_ED is None else self._empty_output_with_rows(x_BSD, rows_ED)
-        x_TD = x_BSD.reshape(B * S, D)
-        logits_TE = self.router(x_TD, self.w_gate, self.w_up, rows_ED)
+        x_TD = x_BSD.reshape(T, D)
+        if rows_ED is None:
+            rows_ED = self.router_rows()
+        logits_TE = self.router(x_TD, rows_ED=rows_ED)
         routing = route(logits_TE, cfg.top_k, cfg.renormalize)
-        out_TD, counts_E = moe_forward_sorted(x_TD, routing, self.w_gate, self.w_up, self.w_down, cfg.dispatch)
+        if self.ep is None:
+            out_TD, counts_E = moe_forward_sorted(x_TD, routing, self.w_gate, self.w_up, self.w_down, cfg.dispatch)
+        else:
+            experts = (local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.w_down))
+            out_TD, counts_E = self.ep.run_experts(x_TD, routing, *experts, cfg.dispatch)
         zero = logits_TE.new_zeros(())
-        aux = (
-            load_balance_loss(routing.probs_TE.view(B, S, -1), routing.experts_TK.view(B, S, -1), cfg.aux_loss_coef, cfg.aux_loss_scope)
-            if cfg.aux_loss_coef > 0
-            else zero
-        )
-        z = router_z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 else zero
+        # means over no tokens would be NaN: a rank without tokens that still takes part reports zeros
+        per_token = T > 0
+        aux = zero
+        if cfg.aux_loss_coef > 0 and (per_token or cfg.aux_loss_scope == "global"):
+            probs_BSE, experts_BSK = routing.probs_TE.view(B, S, cfg.num_experts), routing.experts_TK.view(B, S, cfg.top_k)
+            aux = load_balance_loss(probs_BSE, experts_BSK, cfg.aux_loss_coef, cfg.aux_loss_scope, self.balance_group)
+        z = router_z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 and per_token else zero
         with torch.no_grad():
             stats = MoEStats(
                 tokens_per_expert_E=counts_E.detach(),
                 max_vio=max_violation(counts_E),
                 aux_loss=aux,
                 z_loss=z,
-                entropy=router_entropy(routing.probs_TE.detach()),
+                entropy=router_entropy(routing.probs_TE.detach()) if per_token else zero.detach().clone(),
             )
         return MoEOutput(out_TD.view(B, S, D).to(x_BSD.dtype), stats)
 
@@ -384,21 +496,32 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def post_step(self) -> None:
-        """Hook run after every optimizer step (and at init): the `mpi-inplace` router update."""
-        self.router.inplace_update(self.w_gate, self.w_up)
+        """Hook run after every optimizer step (and at init): the `mpi-inplace` router update.
+
+        Under expert parallelism each rank updates its own rows of R from its own experts (no communication).
+        """
+        self.router.inplace_update(local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight))
 
     @torch.no_grad()
     def alignment(self) -> dict[str, torch.Tensor]:
-        """|cos| of raw R and of the effective rows φ with each expert's top singular direction, shape (E,) each."""
-        mats = select_target(self.router.config.target, self.w_gate, self.w_up)
-        return {
-            "phi": alignment(self.router.rows(self.w_gate, self.w_up), *mats),
-            "raw": alignment(self.router.weight, *mats),
-        }
+        """|cos| of raw R and of the effective rows φ with each expert's top singular direction, shape (E,) each.
+
+        Under expert parallelism each rank scores its local experts and the scores are gathered:
+        a collective, every rank of the EP group must call it.
+        """
+        w_gate_LFD, w_up_LFD, r_LD = local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight)
+        mats = select_target(self.router.config.target, w_gate_LFD, w_up_LFD)
+        scores = {"phi": alignment(self.router.rows(w_gate_LFD, w_up_LFD, r_LD), *mats), "raw": alignment(r_LD, *mats)}
+        if self.ep is None:
+            return scores
+        return {k: self.ep.gather_rows(v.unsqueeze(-1)).squeeze(-1) for k, v in scores.items()}
 
     @torch.no_grad()
     def fold_router(self) -> None:
         """Replace the router by a plain linear router with weight φ (zero inference overhead)."""
+        if self.ep is not None:
+            raise RuntimeError("fold_router needs the full expert stacks: fold an unsharded copy of the model "
+                               "(load its checkpoint without expert parallelism)")
         self.router = self.router.fold(self.w_gate, self.w_up)
         # a new config: the old one is shared with the other layers and the caller's ModelConfig
         self.config = dataclasses.replace(self.config, router=self.router.config)
@@ -428,15 +551,21 @@ def moe_flops(tokens: int, top_k: int, dim: int, hidden: int, backward: bool = T
 
 
 __all__ = [
+    "ExpertSharding",
     "MoE",
     "MoEConfig",
     "MoEOutput",
     "MoEStats",
     "Routing",
+    "autocast_operands",
     "choose_dispatch",
+    "combine_slots",
     "expert_bounds",
+    "expert_ffn_sorted",
     "grouped_linear",
+    "inverse_permutation",
     "load_balance_loss",
+    "local_shard",
     "max_violation",
     "moe_flops",
     "moe_forward_sorted",

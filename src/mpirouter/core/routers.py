@@ -223,14 +223,19 @@ class Router(nn.Module):
         """Whether φ is computed from R in the forward pass (mpi, power, retract), rather than being R itself."""
         return self.config.kind in ("mpi", "power", "retract")
 
-    def rows(self, w_gate_EFD: torch.Tensor | None = None, w_up_EFD: torch.Tensor | None = None) -> torch.Tensor:
-        """The effective router rows φ (E, D) in float32 that multiply the tokens."""
+    def rows(self, w_gate_EFD: torch.Tensor | None = None, w_up_EFD: torch.Tensor | None = None,
+             r_ED: torch.Tensor | None = None) -> torch.Tensor:
+        """The effective router rows φ (E, D) in float32 that multiply the tokens.
+
+        `r_ED`: the rows of R to use instead of `self.weight`; under expert parallelism each rank passes
+        its local shard of R with the matching shards of the experts (φ_i needs only R_i and G_i).
+        """
         # float32 even under bf16 autocast: the power step's direction is sensitive to rounding
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
-            return self._rows(w_gate_EFD, w_up_EFD)
+            return self._rows(w_gate_EFD, w_up_EFD, self.weight if r_ED is None else r_ED)
 
-    def _rows(self, w_gate_EFD: torch.Tensor | None, w_up_EFD: torch.Tensor | None) -> torch.Tensor:
-        kind, r_ED = self.config.kind, self.weight
+    def _rows(self, w_gate_EFD: torch.Tensor | None, w_up_EFD: torch.Tensor | None, r_ED: torch.Tensor) -> torch.Tensor:
+        kind = self.config.kind
         if kind in ("linear", "mpi-inplace"):
             return r_ED.float()
         if kind == "retract":
@@ -257,12 +262,17 @@ class Router(nn.Module):
             return F.linear(x_TD.float(), rows_ED)
 
     @torch.no_grad()
-    def inplace_update(self, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor | None = None) -> None:
-        """`mpi-inplace`: R ← C · normalize(R Gᵀ G), no gradient through the step. Call after each optimizer step."""
+    def inplace_update(self, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor | None = None,
+                       r_ED: torch.Tensor | None = None) -> None:
+        """`mpi-inplace`: R ← C · normalize(R Gᵀ G), no gradient through the step. Call after each optimizer step.
+
+        `r_ED`: the tensor to update instead of `self.weight` (a rank's local shard of R, written in place).
+        """
         if self.config.kind != "mpi-inplace":
             return
+        r_ED = self.weight if r_ED is None else r_ED
         mats = select_target(self.config.target, w_gate_EFD, w_up_EFD)
-        self.weight.copy_(mpi_rows(self.weight, *mats, scale=self.scale))
+        r_ED.copy_(mpi_rows(r_ED, *mats, scale=self.scale))
 
     @torch.no_grad()
     def fold(self, w_gate_EFD: torch.Tensor | None = None, w_up_EFD: torch.Tensor | None = None) -> "Router":

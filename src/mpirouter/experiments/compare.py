@@ -20,6 +20,7 @@ every router at its own best lr.
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from ..common.provenance import environment
 from ..core.model import preset_config
 from ..core.routers import ROUTER_KINDS, RouterConfig
 from ..optim import OptimConfig
+from ..parallel.env import agree, init_distributed, rank_device
 from ..trainer.checkpoint import resolve_checkpoint
 from ..trainer.config import TrainConfig
 from ..trainer.data import DataConfig, prepare_data
@@ -209,22 +211,30 @@ def _join(xs: list) -> str:
 def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: str | None = None) -> Path:
     """Train every unfinished run of the grid (at most `limit` this call), then write the report; returns report.md."""
     out = Path(cfg.out_dir)
+    runs = grid_runs(cfg)
+    device = rank_device(resolve_device(runs[0].config.device))
+    # under torchrun every rank trains every run together: rank 0 reads the folders and writes the
+    # session and report, and its view of each run's status is the one all ranks act on
+    ctx = init_distributed(runs[0].config.dist, device)
+    main = ctx is None or ctx.is_main
+    print = builtins.print if main else _silent
     if is_run_folder(out):
         raise FileExistsError(f"--out {out} is a training run folder, not a compare folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    runs = grid_runs(cfg)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     for run in runs:
         check_config(run)
-    env = environment(str(resolve_device(runs[0].config.device)))
+    env = environment(str(device))
     session = {"command": command or command_line(cfg), **env, "config": to_dict(cfg), "runs_trained": []}
     # sortable by start time, and unique even for two calls in one second from one process
     now_ns = time.time_ns()
     session_path = out / SESSIONS / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now_ns // 10**9))}-{now_ns % 10**9:09d}-{os.getpid()}.json"
-    session_path.parent.mkdir(exist_ok=True)
-    atomic_write_text(session_path, json.dumps(session, indent=2))
+    if main:
+        session_path.parent.mkdir(exist_ok=True)
+        atomic_write_text(session_path, json.dumps(session, indent=2))
     trained, times = 0, []
     for i, run in enumerate(runs, 1):
-        status, step = run_status(run.run_dir, run.config.steps)
+        status, step = agree(ctx, run_status(run.run_dir, run.config.steps) if main else None)
         head = f"run {i}/{len(runs)}: {run.label}"
         if status == "done":
             print(f"{head}: done, skipped", flush=True)
@@ -247,13 +257,18 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
         times.append(time.perf_counter() - t0)
         trained += 1
         session["runs_trained"].append(str(run.run_dir.relative_to(out)))
-        atomic_write_text(session_path, json.dumps(session, indent=2))
+        if main:
+            atomic_write_text(session_path, json.dumps(session, indent=2))
         ev = result.final_eval or {}
         print(f"{head}: finished in {_duration(times[-1])}, val loss {ev.get('val_loss', math.nan):.4f}, "
               f"MaxVio {ev.get('maxvio', math.nan):.3f}, align φ {ev.get('align', math.nan):.3f}", flush=True)
-    report = write_report(out)
+    report = write_report(out) if main else out / "report.md"
     print(f"report: {report}", flush=True)
     return report
+
+
+def _silent(*args, **kwargs) -> None:
+    """`print` on ranks other than 0."""
 
 
 def _duration(seconds: float) -> str:

@@ -12,6 +12,10 @@
 - `hyperball`: the Hyperball rule (fixed weight norm, fixed update norm) and the `Hyperball`
   wrapper turning a base optimizer into AdamH / MuonH.
 - `combined.CombinedOptimizer`: AdamW for embeddings/head/gains + the matrix optimizer, as one.
+- `sharding`: per-matrix operations on DTensor parameters (FSDP2, expert parallelism): Newton-Schulz
+  and Hyperball norms on whole matrices, so a sharded run takes the unsharded run's steps.
+- `build.torch_optimizers` / `build.hyperball_radii`: the state to put in a sharded checkpoint
+  (torch.distributed.checkpoint's ``get_optimizer_state_dict`` over the former, plus the latter).
 
 The object `build_optimizer` returns behaves like a torch optimizer: ``param_groups`` (each with
 "lr", which the training loop overwrites every step; groups with another peak lr carry
@@ -19,12 +23,13 @@ The object `build_optimizer` returns behaves like a torch optimizer: ``param_gro
 For "adamw" it is a plain ``torch.optim.AdamW``.
 """
 
-from .build import build_optimizer, fused_adamw_supported
+from .build import build_optimizer, fused_adamw_supported, hyperball_radii, load_hyperball_radii, torch_optimizers
 from .combined import CombinedOptimizer, scaled_lr
 from .config import DEFAULT_LR, MATRIX_RULE, MAX_LR, OPTIMIZERS, ROUTER_MODES, OptimConfig, resolve_lrs, with_optimizer
 from .groups import classify, param_groups
 from .hyperball import RADIUS_RULES, Hyperball, frobenius_normalize, hyperball_radius, hyperball_step
 from .muon import LR_SCALINGS, NS_COEFFICIENTS, NS_STEPS, StackedMuon, muon_lr_scale, muon_update, newton_schulz
+from .sharding import on_whole_matrices, per_matrix_like, whole_matrix_placements
 
 __all__ = [
     "CombinedOptimizer",
@@ -44,13 +49,19 @@ __all__ = [
     "classify",
     "frobenius_normalize",
     "fused_adamw_supported",
+    "hyperball_radii",
     "hyperball_radius",
     "hyperball_step",
+    "load_hyperball_radii",
     "muon_lr_scale",
     "muon_update",
     "newton_schulz",
+    "on_whole_matrices",
     "param_groups",
+    "per_matrix_like",
     "resolve_lrs",
     "scaled_lr",
+    "torch_optimizers",
+    "whole_matrix_placements",
     "with_optimizer",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .combined import CombinedOptimizer
 from .config import OptimConfig, resolve_lrs
@@ -61,14 +62,19 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
     return CombinedOptimizer(children)
 
 
+def _plain_matrix(p: torch.Tensor) -> bool:
+    return p.dim() == 2 and not isinstance(p, DTensor)
+
+
 def _muon_optimizers(groups: list[dict], lr: float, optim: OptimConfig) -> list:
-    """torch.optim.Muon for plain 2-D matrices, StackedMuon for expert stacks and per-row routers."""
+    """torch.optim.Muon for plain 2-D matrices, StackedMuon for expert stacks, per-row routers and
+    sharded (DTensor) matrices, whose Newton-Schulz it runs on whole matrices (`sharding.on_whole_matrices`)."""
     kw = dict(lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, ns_steps=optim.ns_steps,
               ns_coefficients=NS_COEFFICIENTS, adjust_lr_fn=optim.muon_lr_scaling)
     torch_muon = getattr(torch.optim, "Muon", None)
     flat, stacked = [], []
     for g in groups:
-        two_d = [p for p in g["params"] if p.dim() == 2 and not g["rows"]] if torch_muon is not None else []
+        two_d = [p for p in g["params"] if _plain_matrix(p) and not g["rows"]] if torch_muon is not None else []
         rest = [p for p in g["params"] if not any(p is q for q in two_d)]
         if two_d:
             flat.append({**g, "params": two_d})
@@ -80,3 +86,58 @@ def _muon_optimizers(groups: list[dict], lr: float, optim: OptimConfig) -> list:
     if stacked:
         out.append(StackedMuon(stacked, **kw))
     return out
+
+
+def torch_optimizers(opt) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside an optimizer of `build_optimizer`, in stepping order.
+
+    Their states together are the whole optimizer state except the Hyperball radii
+    (`hyperball_radii`), so a sharded checkpoint is
+    ``get_optimizer_state_dict(model, torch_optimizers(opt))`` (torch.distributed.checkpoint
+    keys it by parameter name and reshards it) plus ``hyperball_radii(model, opt)``.
+    """
+    if isinstance(opt, torch.optim.Optimizer):
+        return [opt]
+    if isinstance(opt, CombinedOptimizer):
+        return [o for child in opt.optimizers for o in torch_optimizers(child)]
+    if isinstance(opt, Hyperball):
+        return torch_optimizers(opt.base)
+    raise ValueError(f"not an optimizer of build_optimizer: {type(opt).__name__}")
+
+
+def _hyperballs(opt) -> list[Hyperball]:
+    if isinstance(opt, Hyperball):
+        return [opt]
+    return [h for child in opt.optimizers for h in _hyperballs(child)] if isinstance(opt, CombinedOptimizer) else []
+
+
+def hyperball_radii(model: torch.nn.Module, opt) -> dict[str, torch.Tensor]:
+    """The Hyperball radius of every wrapped parameter of ``opt``, by parameter name (empty for adamw, muon).
+
+    The one optimizer state outside `torch_optimizers`. The radii are a function of the config
+    ("sqrt_fan_out": of the shapes) or of the weights when the optimizer was built ("init"), so a
+    run rebuilt from the same seed recomputes them; saving them makes a resume exact also when it
+    is not. The tensors returned are the optimizer's own (DTensors under FSDP2, laid out like
+    their weights' matrices), so ``torch.distributed.checkpoint.load`` fills them in place;
+    `load_hyperball_radii` copies in radii loaded otherwise.
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    out = {}
+    for hyper in _hyperballs(opt):
+        for p, r in hyper.radius.items():
+            if id(p) not in names:
+                raise ValueError("the optimizer holds a parameter that is not in the model")
+            out[names[id(p)]] = r
+    return out
+
+
+def load_hyperball_radii(model: torch.nn.Module, opt, radii: dict[str, torch.Tensor]) -> None:
+    """Copy saved radii (`hyperball_radii`'s dict) into ``opt``'s; a missing or extra name is a ValueError."""
+    mine = hyperball_radii(model, opt)
+    if set(radii) != set(mine):
+        missing, extra = sorted(set(mine) - set(radii)), sorted(set(radii) - set(mine))
+        raise ValueError(f"Hyperball radii do not match the optimizer: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for name, r in mine.items():
+            if radii[name] is not r:
+                r.copy_(radii[name])

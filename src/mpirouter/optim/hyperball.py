@@ -18,7 +18,9 @@ Radius r per matrix (``radius``):
 - ``"init"``: r = ‖W_0‖_F, the norm the weight had when the optimizer was built (the blog's
   choice; with this project's N(0, 0.02) init it keeps the init scale).
 times ``radius_mult``. Stacked expert weights (E, F, D) get one radius and one normalization per
-expert matrix; with the group key ``rows=True`` each row is its own 1×n matrix.
+expert matrix; with the group key ``rows=True`` each row is its own 1×n matrix. Sharded (DTensor)
+weights: the norms are of whole matrices (DTensor reductions) and the radii are DTensors laid out
+like the weights' matrices (`sharding.per_matrix_like`), so the rule is the unsharded one.
 
 `Hyperball` wraps any base optimizer (torch.optim.Adam, torch.optim.Muon, `StackedMuon`): it
 runs the base step with lr = 1 and no weight decay, reads the base update as u = W_before −
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .muon import as_matrices
+from .sharding import full, per_matrix_like
 
 RadiusRule = Literal["sqrt_fan_out", "init"]
 RADIUS_RULES: tuple[str, ...] = ("sqrt_fan_out", "init")
@@ -49,15 +52,21 @@ def frobenius_normalize(x: Tensor, eps: float = 1e-30) -> Tensor:
 
 
 def hyperball_radius(w: Tensor, rule: RadiusRule = "sqrt_fan_out", mult: float = 1.0) -> Tensor:
-    """Radius r of each matrix of ``w`` (..., fan_out, fan_in), shape (..., 1, 1), float32."""
+    """Radius r of each matrix of ``w`` (..., fan_out, fan_in), shape (..., 1, 1), float32.
+
+    For a DTensor ``w`` (FSDP2), r is a DTensor laid out like w's matrices (`per_matrix_like`):
+    sharded with w's stack dims, replicated where w splits matrices; "init" norms are then of
+    whole matrices.
+    """
     if rule == "sqrt_fan_out":
         r = torch.full((*w.shape[:-2], 1, 1), math.sqrt(w.shape[-2]), dtype=torch.float32, device=w.device)
     elif rule == "init":
         r = torch.linalg.matrix_norm(w.detach().float(), keepdim=True)
-        if not bool((r > 0).all()):
-            raise ValueError("hyperball radius 'init' needs nonzero initial weights")
     else:
         raise ValueError(f"unknown hyperball radius {rule!r}; choose one of {', '.join(RADIUS_RULES)}")
+    r = per_matrix_like(r, w)
+    if rule == "init" and not bool((full(r) > 0).all()):
+        raise ValueError("hyperball radius 'init' needs nonzero initial weights")
     if not mult > 0:
         raise ValueError(f"hyperball radius multiplier must be > 0, got {mult}")
     return r * mult
@@ -68,6 +77,8 @@ def hyperball_step(w: Tensor, u: Tensor, lr: float, radius: Tensor, update_scale
 
     ``w``, ``u``: (..., m, n); ``radius``: broadcastable (..., 1, 1); ``lr`` = η, ``update_scale``
     = c. A zero update leaves W's direction unchanged (W is still retracted onto its sphere).
+    DTensors (all three, ``radius`` from `hyperball_radius`) work as they are: the norms are
+    DTensor reductions, i.e. of whole matrices, and only those scalars are communicated.
     """
     step = frobenius_normalize(u.float()) * (radius * (lr * update_scale))
     return (frobenius_normalize(w.float() - step) * radius).to(w.dtype)

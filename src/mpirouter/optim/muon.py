@@ -21,6 +21,18 @@ What `torch.optim.Muon` (torch >= 2.9) already does, and we use as is: exactly t
   normalized on its own (see `mpirouter.optim.groups` for when this is used).
 
 The math is in the pure functions below; `StackedMuon` only holds the momentum buffers.
+
+Sharded parameters (DTensors, e.g. under FSDP2 ``fully_shard``: Shard(0) over the data-parallel
+mesh). Newton-Schulz is not elementwise: the polar factor of a row block is not the row block of
+the polar factor. `on_whole_matrices` runs it on whole matrices: a shard of a stack's leading
+(expert) dim leaves every expert matrix whole on its rank, so those are orthogonalized where they
+are (no communication, also for experts sharded over an expert-parallel mesh); a shard that splits
+a matrix (Shard(0) of a 2-D weight) is all-gathered, orthogonalized on every rank of that mesh
+dim, and each rank keeps its own shard. The momentum update is elementwise and stays sharded.
+`StackedMuon` therefore also takes the 2-D DTensor weights (`build_optimizer` sends them there):
+torch.optim.Muon runs the iteration on DTensors op by op, which is the whole matrix's iteration
+too, but with 11 all-reduces per matrix and step (5 steps) instead of one all-gather, and in
+another bf16 summation order (so not bitwise the unsharded update, which this is).
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from .sharding import on_whole_matrices
 
 # Quintic Newton-Schulz coefficients (a, b, c) and step count of Keller Jordan's Muon:
 # https://github.com/KellerJordan/Muon/blob/f90a42b28e00b8d9d2d05865fe90d9f39abcbcbd/muon.py#L16
@@ -72,7 +86,7 @@ def newton_schulz(
         raise ValueError(f"steps must be in [1, 99], got {steps}")
     a, b, c = coefficients
     lead, (m, n) = x.shape[:-2], x.shape[-2:]
-    X = x.reshape(-1, m, n)
+    X = x.reshape(math.prod(lead), m, n)  # not -1: a rank may hold no matrix of a sharded stack
     if dtype is not None:
         X = X.to(dtype)
     tall = m > n
@@ -129,12 +143,16 @@ def muon_update(
 
     Advances the momentum buffer in place (``buf ← μ buf + (1 − μ) grad``, torch.optim.Muon's
     EMA form) and returns O_t in the parameter's dtype and shape. Each matrix of a stack (and
-    each row with ``rows=True``) is orthogonalized on its own.
+    each row with ``rows=True``) is orthogonalized on its own; for DTensors on whole matrices
+    (`on_whole_matrices`), so a sharded parameter gets the update of the unsharded one.
     """
     buf.lerp_(grad, 1 - momentum)
     m = grad.lerp(buf, momentum) if nesterov else buf
-    o = newton_schulz(as_matrices(m, rows), steps, coefficients, eps)
-    return o.reshape(grad.shape).to(grad.dtype)
+
+    def orthogonalize(t: Tensor) -> Tensor:
+        return newton_schulz(as_matrices(t, rows), steps, coefficients, eps).reshape(t.shape).to(t.dtype)
+
+    return on_whole_matrices(orthogonalize, m, 1 if rows else 2)
 
 
 class StackedMuon(torch.optim.Optimizer):
@@ -143,8 +161,10 @@ class StackedMuon(torch.optim.Optimizer):
     Same hyperparameters, defaults and state layout (``momentum_buffer``) as torch.optim.Muon;
     ``adjust_lr_fn`` takes the same two rules (`muon_lr_scale`), computed from each matrix's own
     (fan_out, fan_in) = (m, n), not from the stack's leading dimensions. Also accepts 2-D
-    parameters (then it equals torch.optim.Muon up to bf16 rounding) and the group key
-    ``rows=True`` (each row of a 2-D parameter is its own 1×n matrix).
+    parameters (then it equals torch.optim.Muon up to bf16 rounding; bitwise on CPU here) and the
+    group key ``rows=True`` (each row of a 2-D parameter is its own 1×n matrix). DTensor
+    parameters (FSDP2, expert parallelism) get the update of the unsharded parameter
+    (`on_whole_matrices`); the momentum buffers are sharded like the parameters.
     """
 
     def __init__(

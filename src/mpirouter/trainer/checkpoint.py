@@ -6,6 +6,10 @@ Layout of a run folder:
     run/checkpoints/step_0000100/      model.safetensors, train_state.pt, config.json
     run/checkpoints/latest             name of the newest complete checkpoint
 
+A job of several processes (torchrun) writes a sharded checkpoint instead: `dcp/` (every rank's
+shards, `torch.distributed.checkpoint`) in place of model.safetensors (`sharded_checkpoint`).
+Both kinds load in one process (`load_model`, `export`, `sample`) and resume at any world size.
+
 A checkpoint is written into a hidden temporary folder, flushed to disk and then renamed into
 place; `latest` is replaced atomically afterwards. A crash at any point leaves the previous
 checkpoint and `latest` untouched.
@@ -17,14 +21,18 @@ import json
 import os
 import pickle
 import re
-import time
 import shutil
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from ..common.config import from_dict
 from ..common.files import atomic_write_text, fsync_dir, fsync_files
@@ -35,6 +43,8 @@ from .data import ByteTokenizer, HFTokenizer, Tokenizer
 LATEST = "latest"
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
+DCP_DIR = "dcp"
+"""The sharded weights and optimizer state of a multi-process run (torch.distributed.checkpoint)."""
 CONFIG = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TMP_PREFIX = ".tmp-"
@@ -77,6 +87,16 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is one checkpoint folder (one-process safetensors, or sharded)."""
+    return (path / WEIGHTS).is_file() or is_sharded(path)
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether `path` is a checkpoint written by several processes together (`dcp/`)."""
+    return (path / DCP_DIR / ".metadata").is_file()
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -93,18 +113,37 @@ def save_checkpoint(
     tensors = model_tensors(model)
     if not all_finite(tensors.values()):
         raise NonFiniteWeightsError(f"weights are not finite at step {step}; no checkpoint written")
-    ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    final, tmp = ckpt_root / name, ckpt_root / f"{TMP_PREFIX}{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = temporary_folder(run_dir, step)
     try:
         save_weights(tensors, tmp / WEIGHTS, {"format": "pt", "step": str(step)})
         if train_state is not None:
             torch.save(train_state, tmp / STATE)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish(tmp, keep)
+
+
+def temporary_folder(run_dir: str | Path, step: int) -> Path:
+    """A fresh hidden folder `checkpoints/.tmp-step_X` to write a checkpoint into (a leftover one is replaced)."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_root / f"{TMP_PREFIX}step_{step:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, keep: int) -> Path:
+    """Flush a written checkpoint folder, rename it into place, point `latest` at it, keep the newest `keep`.
+
+    A failure before the rename removes `tmp` and leaves the previous checkpoints as they were.
+    """
+    ckpt_root, name = tmp.parent, tmp.name.removeprefix(TMP_PREFIX)
+    final = ckpt_root / name
+    try:
         fsync_files(tmp)
         previous = None
         if final.exists():  # re-saving a step: keep the old copy complete until the new one is in place
@@ -158,48 +197,63 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a run folder, or a checkpoints/ folder."""
     path = Path(path)
-    if (path / WEIGHTS).is_file():
+    if is_checkpoint(path):
         return path
     for root in (path / "checkpoints", path):
         latest = root / LATEST
         if latest.is_file():
             ckpt = root / latest.read_text().strip()
-            if (ckpt / WEIGHTS).is_file():
+            if is_checkpoint(ckpt):
                 return ckpt
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
-    raise FileNotFoundError(f"no checkpoint found at {str(path)!r} (expected {WEIGHTS} or checkpoints/{LATEST})")
+    raise FileNotFoundError(f"no checkpoint found at {str(path)!r} (expected {WEIGHTS}, {DCP_DIR}/ or checkpoints/{LATEST})")
 
 
 def checkpoints_newest_first(path: str | Path) -> list[Path]:
     """Every checkpoint folder of a run, newest step first (or the folder itself when it is one)."""
     path = Path(path)
-    if (path / WEIGHTS).is_file():
+    if is_checkpoint(path):
         return [path]
     # by step, not by `latest`: a crash between renaming a checkpoint into place and updating `latest`
     # leaves the newer checkpoint complete
     return step_folders(path / "checkpoints" if (path / "checkpoints").is_dir() else path)[::-1]
 
 
-def _read(ckpt: Path, with_state: bool) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+def full_weights(ckpt: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The whole model's tensors of a sharded checkpoint, read in this process alone (no process group needed)."""
+    model = MoELM(from_dict(TrainConfig, config).model)
+    tensors = get_model_state_dict(model)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": tensors}, checkpoint_id=str(ckpt / DCP_DIR), no_dist=True)
+    return tensors
+
+
+def _read(ckpt: Path, with_state: bool, weights: bool = True) -> tuple[dict, dict[str, torch.Tensor] | None, dict | None]:
     try:
         config = json.loads((ckpt / CONFIG).read_text())
-        tensors = load_file(str(ckpt / WEIGHTS))
+        if is_sharded(ckpt):
+            tensors = full_weights(ckpt, config) if weights else None
+        else:
+            tensors = load_file(str(ckpt / WEIGHTS)) if weights else None
         state = None
         if with_state:
             if not (ckpt / STATE).is_file():
                 raise FileNotFoundError(f"{STATE} is missing")
             state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, CheckpointException) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise CorruptCheckpointError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {reason[:200]})") from None
     return config, tensors, state
 
 
 def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = False, say=print,
-                    skipped: list[Path] | None = None) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
+                    skipped: list[Path] | None = None, weights: bool = True) -> tuple[dict, dict[str, torch.Tensor] | None, dict | None]:
     """Return (config dict, model tensors, train state or None) of a checkpoint.
 
+    weights=False skips reading the weights (tensors None): a sharded resume loads them into the
+    sharded model itself (`sharded_checkpoint.load_sharded`); the folder in use is then `state["path"]`.
     with_state=True requires the training state. A corrupt or incomplete checkpoint raises
     CorruptCheckpointError; with fallback=True the previous readable
     checkpoint of the run is used instead, `say` reports which one was skipped and why, and the
@@ -211,7 +265,7 @@ def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = 
     errors = []
     for ckpt in candidates if fallback else candidates[:1]:
         try:
-            loaded = _read(ckpt, with_state)
+            loaded = _read(ckpt, with_state, weights)
         except CorruptCheckpointError as e:
             errors.append(str(e))
             if skipped is not None:
@@ -221,6 +275,8 @@ def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = 
             continue
         if errors:
             say(f"falling back to {ckpt}")
+        if loaded[2] is not None:
+            loaded[2]["path"] = ckpt
         return loaded
     raise CorruptCheckpointError(errors[-1] if len(errors) == 1 else f"no readable checkpoint under {path}: {'; '.join(errors)}")
 

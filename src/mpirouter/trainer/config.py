@@ -18,6 +18,7 @@ import torch
 from ..common.config import check_number, flatten, to_dict
 from ..core.model import ModelConfig, preset_config
 from ..optim import OptimConfig, resolve_lrs
+from ..parallel.config import DistConfig
 from .data import DataConfig
 from .schedule import ScheduleConfig
 
@@ -46,12 +47,14 @@ class TrainConfig:
     """Optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Learning-rate schedule."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Data and expert parallelism when launched by torchrun (ignored in one process)."""
     preset: str = "tiny"
     """Name of the model preset the model config came from (recorded only)."""
     steps: int = 500
     """Optimizer steps in total."""
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch on each process: a torchrun job of N processes steps on N * batch_size * grad_accum sequences."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     seq_len: int | None = None
@@ -124,15 +127,27 @@ def resolve_config(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
 
 
 RESUMABLE_FIELDS = ("steps", "out_dir", "device", "compile", "progress", "log_every", "eval_every", "eval_batch_size",
-                    "ckpt_every", "ckpt_keep", "tensorboard")
+                    "ckpt_every", "ckpt_keep", "tensorboard", "dist")
 """TrainConfig fields a resumed run may change: the length of the run and how it is run, logged and
-saved. Everything else defines the model, data order, optimizer or the periodic evals' estimator
-(eval_batches) and must match the checkpoint."""
+saved (also how it is spread over processes). Everything else defines the model, data order,
+optimizer or the periodic evals' estimator (eval_batches) and must match the checkpoint; the
+per-process batch_size may change with the number of processes if the global batch stays."""
 
 
-def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
-    """ValueError naming every field that differs from the checkpoint's config and may not change on resume."""
+def check_resume_config(saved: dict, cfg: TrainConfig, saved_world: int = 1, world: int = 1) -> None:
+    """ValueError naming every field that differs from the checkpoint's config and may not change on resume.
+
+    `saved_world`/`world`: processes of the checkpointed job and of this one; the global batch
+    (processes x batch_size) must match, the per-process batch_size may differ.
+    """
     old, new = flatten(saved), flatten(to_dict(cfg))
+    if saved_world != world:
+        old_global, new_global = old.get("batch_size", 0) * saved_world, cfg.batch_size * world
+        if old_global != new_global:
+            raise ValueError(f"cannot change the global batch on resume: the checkpoint's {saved_world} process(es) x "
+                             f"batch_size {old.get('batch_size')} = {old_global} sequences, this job's {world} x "
+                             f"{cfg.batch_size} = {new_global}; set batch_size={old_global // world if old_global % world == 0 else '?'}")
+        old.pop("batch_size", None), new.pop("batch_size", None)
     diff = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
             if k.split(".")[0] not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]
     if diff:

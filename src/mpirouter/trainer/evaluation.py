@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
+from typing import Callable, ContextManager
 
 import torch
 
@@ -19,13 +21,14 @@ from .device import StepTimer, autocast_dtype
 
 @torch.no_grad()
 def evaluate(model: MoELM, val_ids: torch.Tensor, cfg: TrainConfig, device: torch.device, max_batches: int | None = None,
-             prefix_batches: int | None = None) -> dict:
+             prefix_batches: int | None = None, whole_model: Callable[[], ContextManager[MoELM]] | None = None) -> dict:
     """Validation loss/perplexity, MaxVio per layer over the batches seen, alignment per layer.
 
     max_batches caps the pass at the first batches of the split (`val_scope` "prefix"), else the
     whole split is read ("whole"). prefix_batches additionally reports `val_loss_prefix` and
     `maxvio_prefix` over the first that many batches of the same pass: the capped periodic evals'
     estimator, so a curve can use one estimator at every point (the two differ systematically).
+    `whole_model`: a context giving the model with whole weights for the alignment (FSDP2 gathers them).
     """
     was_training = model.training
     model.eval()
@@ -61,7 +64,8 @@ def evaluate(model: MoELM, val_ids: torch.Tensor, cfg: TrainConfig, device: torc
         loss_p, loads_p = prefix if prefix is not None else (val_loss, loads)  # the split has no more batches
         result["val_loss_prefix"] = loss_p
         result["maxvio_prefix"] = statistics.fmean(max_violation(l).item() for l in loads_p) if loads_p is not None else 0.0
-    result.update(alignment_summary(model))
+    with (whole_model or contextlib.nullcontext)() as whole:
+        result.update(alignment_summary(whole if whole is not None else model))
     return result
 
 

@@ -7,10 +7,16 @@ function of (seed, step) (see `data.get_batch`), so a resumed run sees exactly t
 would have seen, and two runs with the same seed but different routers see the same data.
 The step itself (`step.train_step`) never waits for the device; the loop reads from it only at
 log, eval and checkpoint steps (marked "sync point").
+
+Under torchrun the same function is the job of every rank (`parallel`): each rank reads its share
+of every global batch, rank 0 logs, writes the metrics and holds the run folder's lock, and all
+ranks write each checkpoint together (`sharded_checkpoint`). Whatever only rank 0 can decide (the
+run folder, which checkpoint to resume) is decided there and shared, so a refusal stops every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -28,8 +34,11 @@ from ..common.config import check_number, to_dict
 from ..common.files import atomic_write_text
 from ..core.model import MoELM
 from ..optim import build_optimizer
+from ..parallel.env import DistContext, agree, any_rank, init_distributed, rank_device
+from ..parallel.wrap import Parallelized, parallelize
 from . import checkpoint as ckpt
 from . import rundir
+from . import sharded_checkpoint
 from .checkpoint import TOKENIZER_FILE
 from .config import TrainConfig, check_resume_config, resolve_config
 from .data import TokenData, get_batch, prepare_data
@@ -59,10 +68,10 @@ class TrainResult:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _train_state(optimizer, step: int) -> dict:
+def _train_state(optimizer, step: int, sharded: bool = False) -> dict:
     return {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        **({} if sharded else {"optimizer": optimizer.state_dict()}),  # sharded: in dcp/, by parameter name
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -130,37 +139,71 @@ def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False,
     if stop_at is not None:
         check_number("stop_at", stop_at, integer=True, ge=1)
     run_dir = Path(cfg.out_dir)
-    device = resolve_device(cfg.device)  # bad input is refused before a run is moved aside or locked
+    device = rank_device(resolve_device(cfg.device))  # bad input is refused before a run is moved aside or locked
+    ctx = init_distributed(cfg.dist, device)
+    if ctx is not None and not ctx.is_main:
+        say = _silent
     data = data or prepare_data(cfg.data, cfg.context)
-    lock = rundir.lock_existing_run(run_dir) if resume else rundir.claim_new_run(run_dir, force, say)
+    lock, refused = None, None
+    if ctx is None or ctx.is_main:  # one lock for the whole job
+        try:
+            lock = rundir.lock_existing_run(run_dir) if resume else rundir.claim_new_run(run_dir, force, say)
+        except Exception as e:
+            if ctx is None:
+                raise
+            refused = e
+    refused = agree(ctx, refused)
+    if refused is not None:
+        raise refused
     try:
         with _StopOnSignal() as stop:
-            result = _run(cfg, data, device, resume, stop_at, run_dir, stop, say)
-        if stop.requested:  # it arrived during the last step or the final eval: the run is complete and saved
-            raise TrainingInterrupted(stop.requested, result.step, ckpt.resolve_checkpoint(run_dir), run_dir)
+            result = _run(cfg, data, device, ctx, resume, stop_at, run_dir, stop, say)
+        requested = stop.requested if ctx is None else agree(ctx, _requested_anywhere(ctx, stop))
+        if requested:  # it arrived during the last step or the final eval: the run is complete and saved
+            raise TrainingInterrupted(requested, result.step, ckpt.resolve_checkpoint(run_dir), run_dir)
         return result
     finally:
-        lock.release()
-        if not resume:
-            rundir.forget_unused(run_dir, lock.created)  # a run refused before writing anything leaves nothing
+        if lock is not None:
+            lock.release()
+            if not resume:
+                rundir.forget_unused(run_dir, lock.created)  # a run refused before writing anything leaves nothing
 
 
-def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, stop_at: int | None, run_dir: Path,
-         stop: _StopOnSignal, say) -> TrainResult:
-    state = None
+def _silent(*args, **kwargs) -> None:
+    """`say` on ranks other than 0: one rank speaks for the job."""
+
+
+def _requested_anywhere(ctx: DistContext, stop: "_StopOnSignal") -> str | None:
+    """The signal any rank received (its name as rank 0 sees it), agreed by all ranks: they stop at the same step."""
+    if not any_rank(ctx, stop.requested is not None):
+        return None
+    return stop.requested or "SIGTERM"
+
+
+def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistContext | None, resume: bool,
+         stop_at: int | None, run_dir: Path, stop: _StopOnSignal, say) -> TrainResult:
+    main = ctx is None or ctx.is_main
+    world = 1 if ctx is None else ctx.world_size
+    saved = state = tensors = None
     if resume:
-        for leftover in ckpt.remove_stale_temporaries(run_dir):
-            say(f"removed {leftover}, left by an interrupted save")
-        unreadable: list[Path] = []
-        saved, tensors, state = ckpt.load_checkpoint(run_dir, fallback=True, say=say, skipped=unreadable)
-        if stop_at is not None and stop_at <= state["step"]:
-            raise ValueError(f"--stop-at {stop_at} is not after the checkpoint's step {state['step']}; nothing to do")
-        for moved in ckpt.set_aside(unreadable):
-            say(f"set the unreadable checkpoint aside as {moved}")
+        # rank 0 picks the checkpoint (falling back past unreadable ones) and every rank uses its choice
+        found = None
+        if main:
+            try:
+                found = _find_checkpoint(run_dir, stop_at, say, weights=ctx is None)
+            except Exception as e:
+                if ctx is None:
+                    raise
+                found = e
+        if ctx is not None:  # the others get the config and state (each rank loads the weights itself)
+            found = agree(ctx, found if isinstance(found, Exception) else (found and (found[0], None, found[2])))
+        if isinstance(found, Exception):
+            raise found
+        saved, tensors, state = found
     cfg = resolve_config(cfg, data.tokenizer.vocab_size)
-    start_step = 0
+    start_step, sharded = 0, False
     if state is not None:
-        check_resume_config(saved, cfg)
+        check_resume_config(saved, cfg, state.get("world_size", 1), world)
         start_step = state["step"]
         if cfg.steps < start_step or (cfg.steps == start_step and cfg.steps != saved["steps"]):
             raise ValueError(f"--steps {cfg.steps} must be above the checkpoint's step {start_step} (the run needs at least "
@@ -179,43 +222,66 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
             say(f"{run_dir} already finished its {cfg.steps} steps; nothing to do (pass --steps N to extend it)")
             med = timing.get("step_time_median_s", float("nan"))
             return TrainResult(run_dir, start_step, final, history, med, timing.get("tokens_per_s", 0.0))
+        sharded = ckpt.is_sharded(state["path"])
+        if not sharded and ctx is not None:
+            if cfg.dist.strategy != "ddp" or cfg.dist.ep > 1:
+                raise ValueError(f"{state['path']} was written by one process; resume it under torchrun with "
+                                 f"dist.strategy=ddp and dist.ep=1 (its optimizer state is not keyed by parameter name)")
+            _, tensors, _ = ckpt.load_checkpoint(state["path"], with_state=False)
     model = build_model(cfg, cfg.model.vocab_size, device)
-    optimizer = build_optimizer(model, cfg.optim)
-    if state is not None:
+    amp = autocast_dtype(cfg.precision, device)
+    par = parallelize(model, ctx, param_dtype=amp if device.type == "cuda" else None) if ctx is not None else None
+    optimizer = build_optimizer(model, cfg.optim)  # before loading: AdamH/MuonH take their radii from the initial weights
+    if tensors is not None and not sharded:
         ckpt.load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        if sharded:
+            sharded_checkpoint.load_sharded(state["path"], model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
     # metrics first: a resume that cannot read them must not have rewritten the config already
-    metrics = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, truncate_after_step=start_step if resume else None, fresh=not resume)
+    metrics = (MetricsWriter(run_dir, tensorboard=cfg.tensorboard, truncate_after_step=start_step if resume else None,
+                             fresh=not resume) if main else None)
     config_dict = to_dict(cfg)
-    atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
-    if getattr(data.tokenizer, "path", None):  # keep a trained/loaded tokenizer with the run for `sample`
-        shutil.copyfile(data.tokenizer.path, run_dir / TOKENIZER_FILE)
     env = provenance.environment(str(device))
-    if not resume:
-        counts = model.num_params()
-        metrics.write({"event": "start", "step": 0, "params_total": counts["total"], "params_active": counts["active"],
-                       "corpus": data.corpus.name, "corpus_sha256": data.corpus.sha256, "tokenizer": data.tokenizer.name,
-                       "train_tokens": int(data.train_ids.numel()), "val_tokens": int(data.val_ids.numel()),
-                       **env, "device": str(device)})
-    else:
-        metrics.write({"event": "resume", "step": start_step, **env, "device": str(device)})
-    fwd_model = torch.compile(model) if cfg.compile else model
-    amp = autocast_dtype(cfg.precision, device)
+    dist_info = {} if ctx is None else {"world_size": world, "dist_strategy": cfg.dist.strategy, "dist_ep": cfg.dist.ep,
+                                        "dist_backend": ctx.backend}
+    if main:
+        atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
+        if getattr(data.tokenizer, "path", None):  # keep a trained/loaded tokenizer with the run for `sample`
+            shutil.copyfile(data.tokenizer.path, run_dir / TOKENIZER_FILE)
+        if not resume:
+            counts = model.num_params()  # sharded parameters (DTensors) report their whole shapes
+            metrics.write({"event": "start", "step": 0, "params_total": counts["total"], "params_active": counts["active"],
+                           "corpus": data.corpus.name, "corpus_sha256": data.corpus.sha256, "tokenizer": data.tokenizer.name,
+                           "train_tokens": int(data.train_ids.numel()), "val_tokens": int(data.val_ids.numel()),
+                           **env, "device": str(device), **dist_info})
+        else:
+            metrics.write({"event": "resume", "step": start_step, **env, "device": str(device), **dist_info})
+    fwd_model = par.forward if par is not None else model
+    fwd_model = torch.compile(fwd_model) if cfg.compile else fwd_model
     end_step = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     step_times: list[float] = []
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.context * world
+    shard = (0, 1) if ctx is None else (ctx.rank, world)
     final_eval = None
-    bar = _progress(cfg, start_step)
+    bar = _progress(cfg, start_step) if main else None
 
     def save(done: int) -> Path:
         try:
+            if ctx is not None:
+                return sharded_checkpoint.save_sharded(run_dir, done, ctx, model, optimizer, config_dict,
+                                                       _train_state(optimizer, done, sharded=True), keep=cfg.ckpt_keep)
             return ckpt.save_checkpoint(run_dir, done, model, config_dict, _train_state(optimizer, done), keep=cfg.ckpt_keep)
         except ckpt.NonFiniteWeightsError:
             raise NonFiniteLossError(f"weights became non-finite at step {done} (after the optimizer update); stopping "
                                      f"without a checkpoint. {_last_good(run_dir)}") from None
+
+    def whole_model():
+        return par.full_params() if par is not None else contextlib.nullcontext(model)
 
     model.train()
     timer = StepTimer(device)
@@ -224,6 +290,8 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
 
     def check_finite() -> None:
         problem = watch.check()  # sync point: only where the loop reads from the device anyway
+        if ctx is not None:  # every rank stops at the same step (a rank-local NaN makes the global gradient NaN anyway)
+            problem = problem if not any_rank(ctx, problem is not None) else (problem or "another rank saw a non-finite value")
         if problem is not None:
             raise NonFiniteLossError(f"{problem}; stopping. {_last_good(run_dir)}")
 
@@ -235,11 +303,11 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
             timer.start()
             batches = []
             for micro in range(cfg.grad_accum):
-                x, y = get_batch(data.train_ids, cfg.batch_size, cfg.context, cfg.seed, step * cfg.grad_accum + micro)
+                x, y = get_batch(data.train_ids, cfg.batch_size, cfg.context, cfg.seed, step * cfg.grad_accum + micro, shard)
                 if device.type == "cuda":  # from pinned memory the copy is queued like a kernel, the host runs on
                     x, y = x.pin_memory(), y.pin_memory()
                 batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
-            out = train_step(model, fwd_model, optimizer, batches, amp, cfg.grad_clip)
+            out = train_step(model, fwd_model, optimizer, batches, amp, cfg.grad_clip, par)
             watch.update(step, out)
             timer.stop()
             done = step + 1
@@ -247,41 +315,72 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, resume: bool, 
                 bar.update(1)
             logging = done % cfg.log_every == 0 or done == cfg.steps
             evaluating = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
-            saving = (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step or stop.requested
+            saving = (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == end_step
+            if ctx is None:
+                stopping = stop.requested is not None
+            else:  # ranks agree on a signal only where they communicate anyway, so they stop at the same step
+                stopping = bool(logging or evaluating or saving) and _requested_anywhere(ctx, stop) is not None
+            saving = saving or stopping
             if logging or evaluating or saving:
                 check_finite()  # before anything is logged, evaluated or saved
             if logging:
-                values = out.read()  # sync point: one host read per logging interval
+                values = out.read(ctx)  # sync point: one host read per logging interval
                 times = timer.read()
                 step_times.extend(times)
                 dt = times[-1]
-                metrics.write({"event": "train", "step": done, "loss": values["loss"], "lm_loss": values["lm_loss"],
-                               "aux_loss": values["aux_loss"], "maxvio_batch": values["max_vio"], "lr": lr,
-                               "grad_norm": values["grad_norm"], "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                               "tokens": done * tokens_per_step})
+                if main:
+                    metrics.write({"event": "train", "step": done, "loss": values["loss"], "lm_loss": values["lm_loss"],
+                                   "aux_loss": values["aux_loss"], "maxvio_batch": values["max_vio"], "lr": lr,
+                                   "grad_norm": values["grad_norm"], "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                                   "tokens": done * tokens_per_step})
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['lm_loss']:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
             if evaluating:
                 last = done == cfg.steps
+                # every rank evaluates the same batches: FSDP2 and expert parallelism need all of them in each forward
                 final_eval = evaluate(model, data.val_ids, cfg, device, None if last else cfg.eval_batches,
-                                      prefix_batches=cfg.eval_batches if last else None)
-                metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
+                                      prefix_batches=cfg.eval_batches if last else None, whole_model=whole_model)
+                if main:
+                    metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['lm_loss']:.3f}" if values else "?", val=f"{final_eval['val_loss']:.3f}")
-            if saving or stop.requested:  # re-read: a signal may have come during the eval (the check above covered this step)
+            if ctx is None:
+                stopping = stop.requested is not None  # re-read: a signal may have come during the eval
+            if saving or stopping:  # (the check above covered this step)
                 save(done)
-            if stop.requested and done < end_step:
-                raise TrainingInterrupted(stop.requested, done, ckpt.resolve_checkpoint(run_dir), run_dir)
+            if stopping and done < end_step:
+                raise TrainingInterrupted(stop.requested or "SIGTERM", done, ckpt.resolve_checkpoint(run_dir), run_dir)
         step_times.extend(timer.read())
         med = statistics.median(step_times) if step_times else float("nan")
         if end_step == cfg.steps and step_times:
-            metrics.write({"event": "timing", "step": end_step, "step_time_median_s": med, "tokens_per_s": tokens_per_step / med,
-                           "router_ms": router_cost_ms(model), "step_ms": 1000 * med})
+            with whole_model() as whole:
+                router_ms = router_cost_ms(whole) if ctx is None or cfg.dist.ep == 1 else None
+            if main:
+                metrics.write({"event": "timing", "step": end_step, "step_time_median_s": med,
+                               "tokens_per_s": tokens_per_step / med, "router_ms": router_ms, "step_ms": 1000 * med})
     finally:
         if bar is not None:
             bar.close()
-        metrics.close()
-    return TrainResult(run_dir, end_step, final_eval, metrics.read(), med, tokens_per_step / med if step_times else 0.0)
+        if metrics is not None:
+            metrics.close()
+    history = metrics.read() if metrics is not None else []
+    return TrainResult(run_dir, end_step, final_eval, history, med, tokens_per_step / med if step_times else 0.0)
+
+
+def _find_checkpoint(run_dir: Path, stop_at: int | None, say, weights: bool) -> tuple[dict, dict | None, dict]:
+    """(config, weights or None, train state) of the newest readable checkpoint; `state["path"]` is its folder.
+
+    weights=False (a multi-process job, on rank 0): the weights are not read here; each rank loads them itself.
+    """
+    for leftover in ckpt.remove_stale_temporaries(run_dir):
+        say(f"removed {leftover}, left by an interrupted save")
+    unreadable: list[Path] = []
+    saved, tensors, state = ckpt.load_checkpoint(run_dir, fallback=True, say=say, skipped=unreadable, weights=weights)
+    if stop_at is not None and stop_at <= state["step"]:
+        raise ValueError(f"--stop-at {stop_at} is not after the checkpoint's step {state['step']}; nothing to do")
+    for moved in ckpt.set_aside(unreadable):
+        say(f"set the unreadable checkpoint aside as {moved}")
+    return saved, tensors, state
 
 
 def _progress(cfg: TrainConfig, start: int):

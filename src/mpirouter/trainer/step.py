@@ -19,7 +19,10 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from ..core.model import MoELM, ModelOutput
+from ..core.moe import max_violation
 from ..core.routers import RowsPerStep
+from ..parallel.env import DistContext, all_reduce_sum
+from ..parallel.wrap import Parallelized
 
 
 class StepOutput(NamedTuple):
@@ -35,11 +38,29 @@ class StepOutput(NamedTuple):
     """Batch MaxVio, mean over MoE layers."""
     grad_norm: torch.Tensor
     """Global gradient norm before clipping."""
+    tokens_per_expert_NLE: torch.Tensor | None = None
+    """Routed slots per micro-batch, MoE layer and expert on this rank (multi-process runs: MaxVio over the global batch)."""
 
-    def read(self) -> dict[str, float]:
-        """The values on the host: one synchronization for all of them."""
-        values = torch.stack([t.to(torch.float64) for t in self]).tolist()  # sync point: log steps only
-        return dict(zip(self._fields, values))
+    def read(self, ctx: DistContext | None = None) -> dict[str, float]:
+        """The values on the host: one synchronization for all of them.
+
+        In a multi-process job (`ctx`) the losses are means over ranks, i.e. over the global batch
+        (ranks hold equal token counts), and MaxVio is computed from the expert counts summed over
+        ranks: the global batch's MaxVio per micro-batch and layer, averaged as in one process.
+        Every rank must call it at the same step (one all-reduce).
+        """
+        scalars = torch.stack([t.to(torch.float64) for t in self[:5]])
+        if ctx is None or self.tokens_per_expert_NLE is None:
+            return dict(zip(self._fields[:5], scalars.tolist()))  # sync point: log steps only
+        counts_NLE = self.tokens_per_expert_NLE
+        summed = all_reduce_sum(ctx, torch.cat([scalars, counts_NLE.flatten().to(torch.float64)]))
+        means = summed[:5] / ctx.world_size
+        global_NLE = summed[5:].view(counts_NLE.shape)
+        # as in one process: MaxVio per layer in float32, mean over layers, then over micro-batches
+        vio = torch.stack([torch.stack([max_violation(c_E) for c_E in c_LE]).double().mean() for c_LE in global_NLE]).mean()
+        values = dict(zip(self._fields[:5], means.tolist()))  # sync point: log steps only
+        values["max_vio"] = float(vio)
+        return values
 
 
 def micro_batch_scalars(out: ModelOutput) -> torch.Tensor:
@@ -55,13 +76,20 @@ def train_step(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     amp: torch.dtype | None,
     grad_clip: float,
+    par: Parallelized | None = None,
 ) -> StepOutput:
     """Forward and backward over `batches` (the micro-batches), clip, optimizer step, post-step hook.
 
     `forward` is the model or its compiled wrapper; `model` the module itself (for the routers'
     rows, the parameters and the post-step hook). With several micro-batches φ is computed once
     for the step (`RowsPerStep`). Nothing here reads a tensor on the host.
+
+    `par`: this rank's share of a multi-process job (`forward` is then `par.forward` or its compiled
+    wrapper); gradients are reduced across ranks in the last micro-batch, and φ is computed in each
+    micro-batch's forward, where DDP and FSDP2 expect every use of the weights.
     """
+    if par is not None:
+        return _parallel_train_step(par, forward, optimizer, batches, amp, grad_clip)
     n = len(batches)
     device_type = batches[0][0].device.type
     rows = model.router_rows() if n > 1 else None
@@ -79,6 +107,29 @@ def train_step(
     model.post_step()
     means = sums / n
     return StepOutput(means[0], means[1], means[2], means[3], grad_norm.detach().double())
+
+
+def _parallel_train_step(par: Parallelized, forward, optimizer, batches, amp, grad_clip: float) -> StepOutput:
+    n = len(batches)
+    device_type = batches[0][0].device.type
+    sums, counts = None, []
+    for i, (x, y) in enumerate(batches):
+        with par.micro_batch(last=i == n - 1):
+            with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = forward(x, y)
+            (out.loss / n).backward()
+        scalars = micro_batch_scalars(out)
+        sums = scalars if sums is None else sums + scalars
+        if out.moe_stats:
+            counts.append(torch.stack([s.tokens_per_expert_E for s in out.moe_stats]))
+    par.finish_gradients()
+    grad_norm = par.clip_grad_norm(grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    par.model.post_step()
+    means = sums / n
+    counts_NLE = torch.stack(counts) if counts else None
+    return StepOutput(means[0], means[1], means[2], means[3], grad_norm.detach().double(), counts_NLE)
 
 
 class NonFiniteWatch:

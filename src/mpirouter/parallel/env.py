@@ -1,0 +1,144 @@
+"""The process group of a torchrun job: who am I, how many are we, and the mesh of data x expert parallelism.
+
+    torchrun --nproc_per_node=2 -m mpirouter train ...     # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK
+
+`init_distributed` is a no-op (returns None) in a process that torchrun did not start, so the same
+job runs in one process unchanged. Every rank calls the same functions in the same order; a
+collective that waits longer than `DistConfig.timeout_s` fails instead of hanging (a dead rank).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .config import DistConfig
+
+T = TypeVar("T")
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This rank's place in the job."""
+
+    rank: int
+    """Global rank in [0, world_size)."""
+    world_size: int
+    """Number of processes; every rank reads its own share of each global batch."""
+    local_rank: int
+    """Rank on this node (picks the GPU)."""
+    backend: str
+    """gloo or nccl."""
+    mesh: DeviceMesh
+    """("dp", "ep") mesh of shape (world_size / ep, ep)."""
+    config: DistConfig
+    """The job's DistConfig."""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that logs, writes metrics and holds the run folder's lock."""
+        return self.rank == 0
+
+    @property
+    def ep(self) -> int:
+        return self.config.ep
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """Ranks holding the same experts (all ranks when ep = 1)."""
+        return self.mesh["dp"]
+
+    @property
+    def ep_mesh(self) -> DeviceMesh:
+        """Ranks among which the experts are split."""
+        return self.mesh["ep"]
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher with its environment variables) started this process."""
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto: nccl for CUDA training, gloo otherwise; nccl without CUDA is refused."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"dist.backend=nccl needs a CUDA device, the run uses {device}; use gloo or auto")
+    return backend
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK for "cuda" under torchrun (one GPU per process)."""
+    if device.type == "cuda" and device.index is None and launched_by_torchrun():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def init_distributed(cfg: DistConfig, device: torch.device) -> DistContext | None:
+    """Join the job's process group and build its ("dp", "ep") mesh; None outside torchrun.
+
+    `device` is this rank's device (`rank_device`). Refuses an ep that does not divide the world size.
+    """
+    if not launched_by_torchrun():
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    if world % cfg.ep:
+        raise ValueError(f"dist.ep={cfg.ep} must divide the number of processes ({world})")
+    backend = resolve_backend(cfg.backend, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, (world // cfg.ep, cfg.ep), mesh_dim_names=("dp", "ep"))
+    return DistContext(dist.get_rank(), world, int(os.environ["LOCAL_RANK"]), backend, mesh, cfg)
+
+
+def shutdown(ctx: DistContext | None) -> None:
+    """Leave the process group (safe to call twice, or with None)."""
+    if ctx is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(ctx: DistContext | None, value: T) -> T:
+    """Rank 0's `value` on every rank (any picklable object: a verdict, an error, a loaded config).
+
+    A check that only one rank makes (the run folder, the checkpoints on disk) runs on rank 0 and
+    its verdict is shared, so that on failure every rank raises the same error instead of the
+    others waiting in the next collective until the timeout.
+    """
+    if ctx is None:
+        return value
+    found = [value]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def any_rank(ctx: DistContext | None, flag: bool) -> bool:
+    """Whether `flag` is true on any rank (one small all-reduce; a host read: call it at sync points only)."""
+    if ctx is None:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _comm_device(ctx: DistContext) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(ctx: DistContext | None, t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over all ranks (a new tensor; `t` itself unchanged); `t` without a job."""
+    if ctx is None:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
