@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"{where}: training stopped: {_one_line(e)}", file=sys.stderr)
         return 3
-    except (ValueError, OSError, RunLockedError) as e:
+    except (ValueError, OSError, RunLockedError, ImportError) as e:  # ImportError: an optional package is missing
         print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -225,7 +225,7 @@ def test_bpe_trains_caches_and_round_trips(bpe_setup, monkeypatch, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     # Second build must load the cached file, not retrain.
-    monkeypatch.setattr(data, "_train_bpe", lambda *a, **k: pytest.fail("retrained despite cache"))
+    monkeypatch.setattr(data, "train_bpe", lambda *a, **k: pytest.fail("retrained despite cache"))
     again = build_tokenizer(cfg, corpus)
     assert again.encode(text) == ids
 

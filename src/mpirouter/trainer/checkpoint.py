@@ -38,7 +38,7 @@ from ..common.config import from_dict
 from ..common.files import atomic_write_text, fsync_dir, fsync_files
 from ..core.model import MoELM
 from .config import TrainConfig
-from .data import ByteTokenizer, HFTokenizer, Tokenizer
+from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
 LATEST = "latest"
 WEIGHTS = "model.safetensors"

