@@ -295,3 +295,16 @@ def test_a_tiny_temperature_samples_the_most_likely_token(run_dir, capsys):
     greedy = cli(["sample", str(run_dir), "--tokens", "8", "--temperature", "0"], capsys)
     tiny = cli(["sample", str(run_dir), "--tokens", "8", "--temperature", "1e-45"], capsys)
     assert greedy[0] == tiny[0] == 0 and greedy[1] == tiny[1]
+
+
+def test_one_process_commands_refuse_to_run_under_torchrun(tmp_path, monkeypatch, capsys):
+    """Every rank would export (or sample, inspect, prepare data) into the same place: refused, once, by rank 0."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == ("mpirouter export: error: export runs in one process; start it without torchrun "
+                                               "(only train and compare run as a job of several processes)")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == ""  # the other ranks stay quiet
+    assert not (tmp_path / "x").exists()

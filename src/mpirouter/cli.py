@@ -464,19 +464,25 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer.loop import NonFiniteLossError, TrainingInterrupted
     from .trainer.rundir import RunLockedError
 
-    where = f"mpirouter {args.command}" + (f" [rank {_rank()}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"mpirouter {args.command}"
     try:
+        if world > 1 and args.command not in ("train", "compare"):
+            raise ValueError(f"{args.command} runs in one process; start it without torchrun (only train and compare "
+                             f"run as a job of several processes)")
         return args.func(args)
     except TrainingInterrupted as e:
-        again = "run the same mpirouter compare command again" if args.command == "compare" else \
-            f"mpirouter train --resume --out {shlex.quote(str(e.run_dir))}"
-        print(f"{where}: {e}; to continue: {again}", file=sys.stderr)
+        launch = "mpirouter" if world == 1 else \
+            f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} (and the same --nnodes/rendezvous) -m mpirouter"
+        again = f"run the same {launch} compare command again" if args.command == "compare" else \
+            f"{launch} train --resume --out {shlex.quote(str(e.run_dir))}"
+        _report(e, f"{where}: {e}; to continue: {again}")
         return e.exit_code
     except NonFiniteLossError as e:
-        print(f"{where}: training stopped: {_one_line(e)}", file=sys.stderr)
+        _report(e, f"{where}: training stopped: {_one_line(e)}")
         return 3
     except (ValueError, OSError, RunLockedError, ImportError) as e:  # ImportError: an optional package is missing
-        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
+        _report(e, f"{where}: error: {_one_line(e)}")
         return 2
     except KeyboardInterrupt:
         kept = "; the newest checkpoint, if any, is kept for --resume" if args.command in ("train", "demo", "compare") else ""
@@ -492,6 +498,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         _leave_process_group()
+
+
+def _report(e: BaseException, line: str) -> None:
+    """Print an error line to stderr: once per job under torchrun (rank 0) when every rank raised it alike;
+    otherwise from each rank that raised it, marked with its rank."""
+    if getattr(e, "shown_by_rank0", False) or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and _rank() != 0
+                                               and "runs in one process" in line):
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _rank() != 0:
+        line = line.replace("mpirouter ", f"mpirouter [rank {_rank()}] ", 1)
+    print(line, file=sys.stderr)
 
 
 def _leave_process_group() -> None:

@@ -5,12 +5,14 @@ import contextlib
 import dataclasses
 import io
 import json
+import shutil
 import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
+from mpirouter.experiments.report import write_report
 from mpirouter.experiments.compare import (
     CompareConfig,
     add_arguments,
@@ -197,6 +199,32 @@ def test_reusing_a_folder_trained_with_another_config_is_refused(tmp_path):
     (run.run_dir / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="steps: 99 -> 8"):
         check_config(run)
+
+
+def test_a_grid_run_may_change_processes_but_not_its_global_batch(tmp_path, monkeypatch):
+    """Continuing a grid under torchrun: dist.* may change, the global batch (processes x batch_size) may not."""
+    run = grid_runs(small_cfg(tmp_path))[0]
+    run.run_dir.mkdir(parents=True)
+    saved = to_dict(run.config)
+    saved["dist"]["ep"] = 2
+    (run.run_dir / "config.json").write_text(json.dumps(saved))
+    check_config(run)  # dist differs: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=rf"global batch \(processes x batch_size\): {run.config.batch_size} -> {2 * run.config.batch_size}"):
+        check_config(run)
+    (run.run_dir / "metrics.jsonl").write_text(json.dumps({"event": "start", "step": 0, "world_size": 2}) + "\n")
+    check_config(run)  # trained by 2 processes too
+
+
+def test_report_takes_runs_without_a_router_cost(grid, tmp_path):
+    """Runs trained under torchrun record router_ms as null (a one-process measurement): the report still builds."""
+    out = tmp_path / "grid"
+    shutil.copytree(grid["out"], out)
+    for metrics in out.rglob("metrics.jsonl"):
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        metrics.write_text("".join(json.dumps({**r, "router_ms": None} if r["event"] == "timing" else r) + "\n" for r in records))
+    rows = json.loads(write_report(out).with_suffix(".json").read_text())["sections"][0]["rows"]
+    assert all(r["router_ms"] is None and r["overhead"] is None and r["step_ms"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(data="my corpus/x.txt", tokenizer="bpe")], ids=["embedded-corpus", "custom-data"])

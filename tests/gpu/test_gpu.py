@@ -137,3 +137,31 @@ def test_a_short_run_learns(tmp_path):
     losses = [r["lm_loss"] for r in result.history if r.get("event") == "train"]
     assert losses[-1] < losses[0] - 0.5, losses
     assert result.final_eval["val_loss"] < losses[0]
+
+
+@pytest.mark.parametrize("strategy,ep", [("fsdp", 1), ("ddp", 1)], ids=["fsdp", "ddp"])
+def test_one_gpu_under_torchrun_matches_the_single_process_trainer(tmp_path, torchrun, strategy, ep):
+    """NCCL with one rank: the distributed path (bf16 FSDP2 mixed precision or DDP) against the plain trainer."""
+    common = ["--preset", "debug", "--steps", "20", "--batch-size", "8", "--device", "cuda", "--set", "progress=false",
+              "--set", "eval_every=0", "--set", "log_every=1"]
+    torchrun("-m", 1, "mpirouter", "train", *common, "--out", str(tmp_path / "dist"), "--set", f"dist.strategy={strategy}",
+             "--set", f"dist.ep={ep}", timeout=300)
+    single = train(_cfg_from(common, tmp_path / "single"), say=lambda *_: None)
+    dist_losses = [r["lm_loss"] for r in _records(tmp_path / "dist")]
+    single_losses = [r["lm_loss"] for r in single.history if r["event"] == "train"]
+    assert len(dist_losses) == len(single_losses) == 20
+    assert max(abs(a - b) for a, b in zip(dist_losses, single_losses)) < 0.05  # bf16: both drift from fp32 alike
+
+
+def _records(run) -> list[dict]:
+    import json
+
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["event"] == "train"]
+
+
+def _cfg_from(argv: list[str], out) -> TrainConfig:
+    from mpirouter.cli import build_parser, train_config
+
+    parser = build_parser()
+    args = parser.parse_args(["train", *argv, "--out", str(out)])
+    return train_config(args, set())

@@ -119,6 +119,17 @@ def fsdp_run(case: str, data: torch.Tensor, rank: int, ckpt_dir: Path) -> dict:
     for step in range(SAVE_AFTER):
         train_step(model, model, opt, local[step])
     dcp.save(checkpoint_state(model, opt), checkpoint_id=str(ckpt_dir))
+    saved = full_params(model)
+    plain_loads = None
+    if rank == 0:  # the same checkpoint into an unsharded model and optimizer, as a one-process resume does
+        plain, plain_cfg = make(case, seed=1)
+        plain_opt = build_optimizer(plain, plain_cfg)
+        state = checkpoint_state(plain, plain_opt)
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+        set_model_state_dict(plain, state["model"])
+        set_optimizer_state_dict(plain, torch_optimizers(plain_opt), state["optim"])
+        load_hyperball_radii(plain, plain_opt, state["hyperball"])
+        plain_loads = all(torch.equal(p.detach(), saved[n]) for n, p in plain.named_parameters())
     train_step(model, model, opt, local[SAVE_AFTER])
     after = full_params(model)
     fresh, fresh_opt = fsdp_model(case, seed=1)
@@ -132,7 +143,8 @@ def fsdp_run(case: str, data: torch.Tensor, rank: int, ckpt_dir: Path) -> dict:
     for step in range(SAVE_AFTER + 1, STEPS):
         train_step(model, model, opt, local[step])
     dcp_diff = max((after[n] - replay[n]).abs().max().item() for n in after)
-    return {"final": full_params(model), "dcp_max_abs_diff": dcp_diff, "torch_optimizers": types, "experts_here": experts_here}
+    return {"final": full_params(model), "dcp_max_abs_diff": dcp_diff, "torch_optimizers": types, "experts_here": experts_here,
+            "plain_loads": plain_loads}
 
 
 def ddp_run(case: str, data: torch.Tensor, rank: int) -> dict:

@@ -8,11 +8,11 @@ ranks) with AdamW, through the trainer's own step (`trainer.step.train_step`); e
 process (`torchrun` for the distributed ones), one after the other in a rotating order, `--repeat`
 times, and a variant's figure is the median step time of its run. Ratios are taken within a repeat.
 
-"sync share" is the part of a distributed step that waits for the gradient reduction: each run
-alternates blocks of steps with and without it (DDP `no_sync`, FSDP2
-`set_requires_gradient_sync(False)`), and the share is 1 - (step without) / (step with). What
-overlaps with the backward is not counted: it is the exposed cost. FSDP2's weight all-gathers
-stay in both and are not in the share.
+"sync share" (DDP) is the part of a step that waits for the gradient all-reduce: each DDP run
+alternates blocks of steps with and without it (`no_sync`), and the share is 1 - (step without) /
+(step with). What overlaps with the backward is not counted: it is the exposed cost. FSDP2 has no
+such split (without its reduce-scatter its sharded gradients stay empty and the optimizer skips
+them, so the two steps would not do the same work); its row shows "n/a".
 
 On a 2-core CPU machine each rank gets one core (torchrun's OMP_NUM_THREADS=1) and the one-process
 baseline gets both (`torch.set_num_threads(2)`): the comparison is per machine, not per core.
@@ -87,11 +87,11 @@ def worker(preset: str, batch_size: int, steps: int, warmup: int, device_name: s
     synced, unsynced = [], []
     for _ in range(3):  # alternate blocks, so drift hits both alike
         synced += run(steps, True)
-        if par is not None:
+        if strategy == "ddp":
             unsynced += run(steps, False)
     step = statistics.median(synced)
     result = {"step_ms": 1000 * step, "tokens_per_s": batch_size * cfg.max_seq_len / step,
-              "sync_share": 1 - statistics.median(unsynced) / step if unsynced else 0.0,
+              "sync_share": 1 - statistics.median(unsynced) / step if unsynced else (None if par is not None else 0.0),
               "env": environment(str(device)), "world_size": world}
     shutdown(ctx)
     return result
@@ -135,9 +135,10 @@ def run_bench_dist(args: argparse.Namespace, say=print) -> dict:
     say(f"{describe(env)}")
     say(f"{'variant':<14}{'step ms (min-max)':>26}{'x 1 process':>22}{'sync share':>14}")
     for name, s in table.items():
-        sh = Spread.of(share[name])
+        shares = [v for v in share[name] if v is not None]
+        sync = f"{100 * Spread.of(shares).median:>10.0f} %" if shares else f"{'n/a':>12}"
         say(f"{name:<14}{s.ms.median:>10.1f} ({s.ms.min:.1f}-{s.ms.max:.1f}){'':>4}{s.ratio.median:>10.2f} "
-            f"({s.ratio.min:.2f}-{s.ratio.max:.2f}){100 * sh.median:>10.0f} %")
+            f"({s.ratio.min:.2f}-{s.ratio.max:.2f}){sync}")
     return {"args": vars(args), "env": env, "step_ms": step_ms, "sync_share": share,
             "ratio_median": {n: s.ratio.median for n, s in table.items()}}
 

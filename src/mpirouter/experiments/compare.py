@@ -182,8 +182,14 @@ def check_config(run: GridRun) -> None:
     if not path.is_file():
         return
     saved, wanted = flatten(json.loads(path.read_text())), flatten(to_dict(run.config))
-    diff = [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
-            if k not in _UNCHECKED and saved.get(k) != wanted.get(k) and not (wanted.get(k) is None and k in saved)]
+    # how a run is spread over processes may change (as for `train --resume`), its global batch may not
+    start = next((r for r in read_metrics(run.run_dir) if r.get("event") == "start"), {})
+    saved_global = saved.get("batch_size", 0) * start.get("world_size", 1)
+    wanted_global = run.config.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+    diff = [f"global batch (processes x batch_size): {saved_global} -> {wanted_global}"] if saved_global != wanted_global else []
+    diff += [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(saved) | set(wanted))
+             if k not in _UNCHECKED and not k.startswith("dist.") and k != "batch_size" and saved.get(k) != wanted.get(k)
+             and not (wanted.get(k) is None and k in saved)]
     if diff:
         raise ValueError(f"run folder {run.run_dir} was trained with a different config ({'; '.join(diff)}); "
                          f"use another --out or delete that folder")

@@ -213,8 +213,9 @@ def summarize_section(runs: list[RunRecord]) -> list[dict]:
             "align_layers": [mean_std(v)[0] for v in zip(*(f["align_layers"] for f in finals))],
             "align_raw_layers": [mean_std(v)[0] for v in zip(*(f["align_raw_layers"] for f in finals))],
             "step_ms": mean_std([t["step_ms"] for t in timings])[0] if timings else None,
-            "router_ms": mean_std([t["router_ms"] for t in timings])[0] if timings else None,
-            "overhead": mean_std([t["router_ms"] / t["step_ms"] for t in timings])[0] if timings else None,
+            # router cost is measured by one-process runs only (None under torchrun)
+            "router_ms": mean_std([t["router_ms"] for t in routed])[0] if (routed := [t for t in timings if t.get("router_ms") is not None]) else None,
+            "overhead": mean_std([t["router_ms"] / t["step_ms"] for t in routed])[0] if routed else None,
         }
         row["step_vs_linear"] = row["step_ms"] / mean_std(base_step_ms)[0] if row["step_ms"] and base_step_ms else None
         rows.append(row)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from .combined import CombinedOptimizer
 from .config import OptimConfig, resolve_lrs
@@ -62,30 +61,17 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
     return CombinedOptimizer(children)
 
 
-def _plain_matrix(p: torch.Tensor) -> bool:
-    return p.dim() == 2 and not isinstance(p, DTensor)
-
-
 def _muon_optimizers(groups: list[dict], lr: float, optim: OptimConfig) -> list:
-    """torch.optim.Muon for plain 2-D matrices, StackedMuon for expert stacks, per-row routers and
-    sharded (DTensor) matrices, whose Newton-Schulz it runs on whole matrices (`sharding.on_whole_matrices`)."""
+    """StackedMuon for every Muon-updated matrix: 2-D weights, expert stacks, per-row routers, plain or
+    sharded (DTensor, Newton-Schulz on whole matrices, `sharding.on_whole_matrices`).
+
+    One optimizer whatever the sharding, so a checkpoint's optimizer state has the same groups in one
+    process, under DDP and under FSDP2 (torch.distributed.checkpoint matches groups by position).
+    On a plain 2-D matrix it is bitwise torch.optim.Muon (tests/optim/test_optim.py).
+    """
     kw = dict(lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, ns_steps=optim.ns_steps,
               ns_coefficients=NS_COEFFICIENTS, adjust_lr_fn=optim.muon_lr_scaling)
-    torch_muon = getattr(torch.optim, "Muon", None)
-    flat, stacked = [], []
-    for g in groups:
-        two_d = [p for p in g["params"] if _plain_matrix(p) and not g["rows"]] if torch_muon is not None else []
-        rest = [p for p in g["params"] if not any(p is q for q in two_d)]
-        if two_d:
-            flat.append({**g, "params": two_d})
-        if rest:
-            stacked.append({**g, "params": rest})
-    out = []
-    if flat:
-        out.append(torch_muon(flat, **kw))
-    if stacked:
-        out.append(StackedMuon(stacked, **kw))
-    return out
+    return [StackedMuon(groups, **kw)] if groups else []
 
 
 def torch_optimizers(opt) -> list[torch.optim.Optimizer]:

@@ -26,6 +26,12 @@ def scaled_lr(groups: list[dict]):
             g["lr"] = lr
 
 
+def kind(opt) -> str:
+    """The optimizer's class, with what a wrapper wraps: "AdamW", "Hyperball(StackedMuon)"."""
+    base = getattr(opt, "base", None)
+    return f"{type(opt).__name__}({kind(base)})" if base is not None else type(opt).__name__
+
+
 class CombinedOptimizer:
     """One optimizer-like object over several (e.g. AdamW for embeddings + Muon for matrices).
 
@@ -78,12 +84,14 @@ class CombinedOptimizer:
 
     def state_dict(self) -> dict:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers],
-                "kinds": [type(opt).__name__ for opt in self.optimizers]}
+                "kinds": [kind(opt) for opt in self.optimizers]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         states = state_dict["optimizers"]
-        kinds = state_dict.get("kinds", [type(o).__name__ for o in self.optimizers])
-        mine = [type(o).__name__ for o in self.optimizers]
+        kinds = state_dict.get("kinds", [kind(o) for o in self.optimizers])
+        mine = [kind(o) for o in self.optimizers]
+        if not any("(" in k for k in kinds):  # written before wrappers named what they wrap
+            mine = [k.split("(")[0] for k in mine]
         if len(states) != len(self.optimizers) or kinds != mine:
             raise ValueError(f"optimizer state is for {kinds}, this optimizer is {mine}")
         for opt, st in zip(self.optimizers, states):

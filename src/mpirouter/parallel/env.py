@@ -61,6 +61,9 @@ class DistContext:
         return self.mesh["ep"]
 
 
+_MESHES: dict[tuple[str, int, int], DeviceMesh] = {}
+
+
 def launched_by_torchrun() -> bool:
     """Whether torchrun (or another launcher with its environment variables) started this process."""
     return all(v in os.environ for v in TORCHRUN_VARS)
@@ -76,10 +79,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def rank_device(device: torch.device) -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK for "cuda" under torchrun (one GPU per process)."""
-    if device.type == "cuda" and device.index is None and launched_by_torchrun():
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
+    """This rank's device: cuda:LOCAL_RANK for "cuda" under torchrun (one GPU per process).
+
+    Refuses a fixed GPU index when several processes share the node (they would all use that GPU)
+    and more processes per node than GPUs.
+    """
+    if device.type != "cuda" or not launched_by_torchrun():
+        return device
+    local, per_node = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.index is not None:
+        if per_node > 1:
+            raise ValueError(f"--device {device} would put all {per_node} processes of this node on one GPU; "
+                             f"use --device cuda (each process takes cuda:LOCAL_RANK)")
+        return device
+    if torch.cuda.is_available() and local >= torch.cuda.device_count():
+        raise ValueError(f"{per_node} processes per node but {torch.cuda.device_count()} GPU(s): "
+                         f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
+    return torch.device("cuda", local)
 
 
 def init_distributed(cfg: DistConfig, device: torch.device) -> DistContext | None:
@@ -98,13 +114,27 @@ def init_distributed(cfg: DistConfig, device: torch.device) -> DistContext | Non
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-    mesh = init_device_mesh(device.type, (world // cfg.ep, cfg.ep), mesh_dim_names=("dp", "ep"))
+    key = (device.type, world, cfg.ep)
+    if key not in _MESHES:  # a `compare` grid trains many runs in one job: one set of process groups for all
+        _MESHES[key] = init_device_mesh(device.type, (world // cfg.ep, cfg.ep), mesh_dim_names=("dp", "ep"))
+    mesh = _MESHES[key]
     return DistContext(dist.get_rank(), world, int(os.environ["LOCAL_RANK"]), backend, mesh, cfg)
+
+
+def world_mesh(ctx: DistContext) -> DeviceMesh:
+    """A 1-D mesh over every rank: the dense weights' data parallelism (also under expert parallelism)."""
+    if ctx.config.ep == 1:
+        return ctx.dp_mesh
+    key = (ctx.mesh.device_type, ctx.world_size, 0)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(ctx.mesh.device_type, (ctx.world_size,), mesh_dim_names=("world",))
+    return _MESHES[key]
 
 
 def shutdown(ctx: DistContext | None) -> None:
     """Leave the process group (safe to call twice, or with None)."""
     if ctx is not None and dist.is_initialized():
+        _MESHES.clear()
         dist.destroy_process_group()
 
 

@@ -23,13 +23,12 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.model import MoELM
-from .env import DistContext
+from .env import DistContext, world_mesh
 from .expert import expert_parameters, reduce_expert_grads, shard_experts
 
 
@@ -78,16 +77,18 @@ class Parallelized:
         return self.ctx.ep_mesh.get_group()
 
     @contextlib.contextmanager
-    def full_params(self) -> Iterator[MoELM]:
-        """The model with every weight whole on this rank (FSDP2: gathered; others: as is), e.g. for alignment."""
-        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for m in units:
-            m.unshard()
+    def whole(self, module: nn.Module) -> Iterator[nn.Module]:
+        """`module` with its weights whole on this rank (under FSDP2 the transformer block holding it is
+        gathered, one block at a time, never the whole model), e.g. for the alignment of one MoE layer."""
+        unit = next((b for b in self.model.blocks if isinstance(b, FSDPModule) and any(m is module for m in b.modules())), None)
+        if unit is None:
+            yield module
+            return
+        unit.unshard()
         try:
-            yield self.model
+            yield module
         finally:
-            for m in units:
-                m.reshard()
+            unit.reshard()
 
 
 def clip_mixed_(dense: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float,
@@ -124,16 +125,16 @@ def parallelize(model: MoELM, ctx: DistContext, param_dtype: torch.dtype | None 
     if ctx.config.ep > 1:
         shard_experts(model, ctx.mesh)
         experts = expert_parameters(model)
-    world_mesh = ctx.dp_mesh if ctx.config.ep == 1 else init_device_mesh(device.type, (ctx.world_size,), mesh_dim_names=("world",))
+    mesh = world_mesh(ctx)
     if ctx.config.strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         if experts:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(experts))
-        ddp = DistributedDataParallel(model, device_ids=ids, process_group=world_mesh.get_group())
+        ddp = DistributedDataParallel(model, device_ids=ids, process_group=mesh.get_group())
         return Parallelized(model, ddp, ctx, list(experts.values()))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None)
     ignored = set(experts.values()) or None
     for block in model.blocks:
-        fully_shard(block, mesh=world_mesh, mp_policy=mp, ignored_params=ignored)
-    fully_shard(model, mesh=world_mesh, mp_policy=mp, ignored_params=ignored)
+        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     return Parallelized(model, model, ctx, list(experts.values()))

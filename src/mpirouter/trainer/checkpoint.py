@@ -31,8 +31,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from ..common.config import from_dict
 from ..common.files import atomic_write_text, fsync_dir, fsync_files
@@ -220,23 +220,44 @@ def checkpoints_newest_first(path: str | Path) -> list[Path]:
     return step_folders(path / "checkpoints" if (path / "checkpoints").is_dir() else path)[::-1]
 
 
-def full_weights(ckpt: Path, config: dict) -> dict[str, torch.Tensor]:
-    """The whole model's tensors of a sharded checkpoint, read in this process alone (no process group needed)."""
-    model = MoELM(from_dict(TrainConfig, config).model)
+def load_sharded_weights(ckpt: Path, model: MoELM) -> None:
+    """Fill a whole (unsharded) model with a sharded checkpoint's weights, in this process alone."""
     tensors = get_model_state_dict(model)
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({"model": tensors}, checkpoint_id=str(ckpt / DCP_DIR), no_dist=True)
-    return tensors
+    set_model_state_dict(model, tensors)
+
+
+def full_weights(ckpt: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The whole model's tensors of a sharded checkpoint, read in this process alone (no process group needed)."""
+    model = MoELM(from_dict(TrainConfig, config).model)
+    load_sharded_weights(ckpt, model)
+    return model.state_dict()
+
+
+def check_shards(ckpt: Path) -> None:
+    """Every file a sharded checkpoint's metadata names exists and is long enough (cheap: reads only the metadata)."""
+    metadata = FileSystemReader(str(ckpt / DCP_DIR)).read_metadata()
+    need: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        path = ckpt / DCP_DIR / name
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {name} is missing")
+        if path.stat().st_size < size:
+            raise ValueError(f"shard {name} is truncated ({path.stat().st_size} of {size} bytes)")
 
 
 def _read(ckpt: Path, with_state: bool, weights: bool = True) -> tuple[dict, dict[str, torch.Tensor] | None, dict | None]:
     try:
         config = json.loads((ckpt / CONFIG).read_text())
         if is_sharded(ckpt):
+            check_shards(ckpt)
             tensors = full_weights(ckpt, config) if weights else None
         else:
-            tensors = load_file(str(ckpt / WEIGHTS)) if weights else None
+            tensors = load_file(str(ckpt / WEIGHTS))  # also the check that the file is whole
         state = None
         if with_state:
             if not (ckpt / STATE).is_file():
@@ -252,8 +273,9 @@ def load_checkpoint(path: str | Path, with_state: bool = True, fallback: bool = 
                     skipped: list[Path] | None = None, weights: bool = True) -> tuple[dict, dict[str, torch.Tensor] | None, dict | None]:
     """Return (config dict, model tensors, train state or None) of a checkpoint.
 
-    weights=False skips reading the weights (tensors None): a sharded resume loads them into the
-    sharded model itself (`sharded_checkpoint.load_sharded`); the folder in use is then `state["path"]`.
+    weights=False skips reading a sharded checkpoint's weights (tensors None; its shards are still
+    checked against its metadata): a resume loads them into the sharded model itself
+    (`sharded_checkpoint.load_sharded`). The folder in use is `state["path"]`.
     with_state=True requires the training state. A corrupt or incomplete checkpoint raises
     CorruptCheckpointError; with fallback=True the previous readable
     checkpoint of the run is used instead, `say` reports which one was skipped and why, and the
@@ -311,10 +333,14 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MoELM, TrainConfig]:
     """A model and its TrainConfig from a checkpoint (a run folder or a checkpoint folder)."""
-    saved, tensors, _ = load_checkpoint(path, with_state=False)
+    sharded = is_sharded(resolve_checkpoint(path))
+    saved, tensors, _ = load_checkpoint(path, with_state=False, weights=not sharded)
     cfg = from_dict(TrainConfig, saved)
     model = MoELM(cfg.model)
-    load_model_tensors(model, tensors)
+    if sharded:  # read straight into the model: one copy of the weights in memory, not two
+        load_sharded_weights(resolve_checkpoint(path), model)
+    else:
+        load_model_tensors(model, tensors)
     return model.to(device).eval(), cfg
 
 

@@ -13,7 +13,7 @@ from typing import Callable, ContextManager
 import torch
 
 from ..core.model import MoELM
-from ..core.moe import max_violation
+from ..core.moe import MoE, max_violation
 from .config import TrainConfig
 from .data import iter_eval_batches
 from .device import StepTimer, autocast_dtype
@@ -21,14 +21,15 @@ from .device import StepTimer, autocast_dtype
 
 @torch.no_grad()
 def evaluate(model: MoELM, val_ids: torch.Tensor, cfg: TrainConfig, device: torch.device, max_batches: int | None = None,
-             prefix_batches: int | None = None, whole_model: Callable[[], ContextManager[MoELM]] | None = None) -> dict:
+             prefix_batches: int | None = None, whole: Callable[[MoE], ContextManager] | None = None) -> dict:
     """Validation loss/perplexity, MaxVio per layer over the batches seen, alignment per layer.
 
     max_batches caps the pass at the first batches of the split (`val_scope` "prefix"), else the
     whole split is read ("whole"). prefix_batches additionally reports `val_loss_prefix` and
     `maxvio_prefix` over the first that many batches of the same pass: the capped periodic evals'
     estimator, so a curve can use one estimator at every point (the two differ systematically).
-    `whole_model`: a context giving the model with whole weights for the alignment (FSDP2 gathers them).
+    `whole(moe)`: a context in which that MoE layer's weights are whole, for its alignment (FSDP2
+    gathers its block: `parallel.wrap.Parallelized.whole`); None: they are.
     """
     was_training = model.training
     model.eval()
@@ -64,17 +65,17 @@ def evaluate(model: MoELM, val_ids: torch.Tensor, cfg: TrainConfig, device: torc
         loss_p, loads_p = prefix if prefix is not None else (val_loss, loads)  # the split has no more batches
         result["val_loss_prefix"] = loss_p
         result["maxvio_prefix"] = statistics.fmean(max_violation(l).item() for l in loads_p) if loads_p is not None else 0.0
-    with (whole_model or contextlib.nullcontext)() as whole:
-        result.update(alignment_summary(whole if whole is not None else model))
+    result.update(alignment_summary(model, whole))
     return result
 
 
 @torch.no_grad()
-def alignment_summary(model: MoELM) -> dict:
+def alignment_summary(model: MoELM, whole: Callable[[MoE], ContextManager] | None = None) -> dict:
     """Mean |cos| of φ and of raw R with the experts' top singular directions, per layer and overall."""
     phi, raw = [], []
     for moe in model.moe_layers():
-        a = moe.alignment()
+        with (whole or contextlib.nullcontext)(moe):
+            a = moe.alignment()
         phi.append(a["phi"].mean().item())
         raw.append(a["raw"].mean().item())
     return {

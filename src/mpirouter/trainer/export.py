@@ -136,7 +136,8 @@ def export_checkpoint(src: str | Path, out: str | Path, verify: bool = True, ato
         if not diff <= atol:  # a NaN difference must fail too
             raise RuntimeError(f"folded model's logits differ by {diff:.3g} > {atol}; not exporting")
 
-    step = _weights_metadata(src_dir / ckpt.WEIGHTS).get("step")
+    step = (_weights_metadata(src_dir / ckpt.WEIGHTS).get("step") if not ckpt.is_sharded(src_dir)
+            else src_dir.name.removeprefix("step_").lstrip("0") or "0")  # a sharded checkpoint: its folder names the step
     marker = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,

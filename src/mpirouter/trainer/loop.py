@@ -16,7 +16,6 @@ run folder, which checkpoint to resume) is decided there and shared, so a refusa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -96,9 +95,18 @@ class TrainingInterrupted(Exception):
 
 
 class _StopOnSignal:
-    """While training: the first SIGINT/SIGTERM asks the loop to stop after the current step; a second aborts at once."""
+    """While training: the first SIGINT/SIGTERM asks the loop to stop after the current step; a second aborts at once.
+
+    In a torchrun job (`job=True`) a repeated signal does not abort: torchrun forwards the signal
+    it gets, and a scheduler may signal the workers as well, so one request can arrive twice; the
+    ranks must stop together at an agreed step (torchrun itself kills them 30 s after forwarding).
+    Only rank 0 (`speak`) says that it received one.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, job: bool = False, speak: bool = True):
+        self.job, self.speak = job, speak
 
     def __enter__(self) -> "_StopOnSignal":
         self.requested: str | None = None
@@ -109,10 +117,14 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None:
+            if self.job:
+                return
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested} received: finishing this step and writing a checkpoint (send it again to abort now)",
-              file=sys.stderr, flush=True)
+        if self.speak:
+            again = "" if self.job else " (send it again to abort now)"
+            when = "the next log step" if self.job else "this step"
+            print(f"\n{self.requested} received: finishing {when} and writing a checkpoint{again}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():
@@ -154,14 +166,20 @@ def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False,
             refused = e
     refused = agree(ctx, refused)
     if refused is not None:
+        if not ctx.is_main:
+            refused.shown_by_rank0 = True
         raise refused
     try:
-        with _StopOnSignal() as stop:
+        with _StopOnSignal(job=ctx is not None, speak=ctx is None or ctx.is_main) as stop:
             result = _run(cfg, data, device, ctx, resume, stop_at, run_dir, stop, say)
         requested = stop.requested if ctx is None else agree(ctx, _requested_anywhere(ctx, stop))
         if requested:  # it arrived during the last step or the final eval: the run is complete and saved
             raise TrainingInterrupted(requested, result.step, ckpt.resolve_checkpoint(run_dir), run_dir)
         return result
+    except (ValueError, NonFiniteLossError, TrainingInterrupted) as e:
+        if ctx is not None and not ctx.is_main:  # raised alike on every rank (shared inputs or agreed verdicts)
+            e.shown_by_rank0 = True
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -190,13 +208,13 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
         found = None
         if main:
             try:
-                found = _find_checkpoint(run_dir, stop_at, say, weights=ctx is None)
+                found = _find_checkpoint(run_dir, stop_at, say, weights=False)
             except Exception as e:
                 if ctx is None:
                     raise
                 found = e
-        if ctx is not None:  # the others get the config and state (each rank loads the weights itself)
-            found = agree(ctx, found if isinstance(found, Exception) else (found and (found[0], None, found[2])))
+        if ctx is not None:  # the others get the config and state; each rank reads the weights itself
+            found = agree(ctx, found if isinstance(found, Exception) or not main else (found[0], None, found[2]))
         if isinstance(found, Exception):
             raise found
         saved, tensors, state = found
@@ -280,9 +298,6 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
             raise NonFiniteLossError(f"weights became non-finite at step {done} (after the optimizer update); stopping "
                                      f"without a checkpoint. {_last_good(run_dir)}") from None
 
-    def whole_model():
-        return par.full_params() if par is not None else contextlib.nullcontext(model)
-
     model.train()
     timer = StepTimer(device)
     watch = NonFiniteWatch(device)
@@ -339,7 +354,8 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
                 last = done == cfg.steps
                 # every rank evaluates the same batches: FSDP2 and expert parallelism need all of them in each forward
                 final_eval = evaluate(model, data.val_ids, cfg, device, None if last else cfg.eval_batches,
-                                      prefix_batches=cfg.eval_batches if last else None, whole_model=whole_model)
+                                      prefix_batches=cfg.eval_batches if last else None,
+                                      whole=par.whole if par is not None else None)
                 if main:
                     metrics.write({"event": "eval", "step": done, "tokens": done * tokens_per_step, **final_eval})
                 if bar is not None:
@@ -353,8 +369,7 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
         step_times.extend(timer.read())
         med = statistics.median(step_times) if step_times else float("nan")
         if end_step == cfg.steps and step_times:
-            with whole_model() as whole:
-                router_ms = router_cost_ms(whole) if ctx is None or cfg.dist.ep == 1 else None
+            router_ms = router_cost_ms(model) if ctx is None else None  # a one-process measurement (sharded weights here)
             if main:
                 metrics.write({"event": "timing", "step": end_step, "step_time_median_s": med,
                                "tokens_per_s": tokens_per_step / med, "router_ms": router_ms, "step_ms": 1000 * med})
@@ -370,7 +385,8 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
 def _find_checkpoint(run_dir: Path, stop_at: int | None, say, weights: bool) -> tuple[dict, dict | None, dict]:
     """(config, weights or None, train state) of the newest readable checkpoint; `state["path"]` is its folder.
 
-    weights=False (a multi-process job, on rank 0): the weights are not read here; each rank loads them itself.
+    weights=False: the files are checked (a sharded checkpoint's shards against its metadata, a
+    safetensors header) but the weights are read later, by each rank into its own model.
     """
     for leftover in ckpt.remove_stale_temporaries(run_dir):
         say(f"removed {leftover}, left by an interrupted save")
