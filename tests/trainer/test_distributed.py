@@ -178,3 +178,18 @@ def test_a_global_batch_change_on_resume_is_refused(runs, tmp_path):
     cfg = apply_overrides(one_process_config(Path(saved["data"]["path"]), run, 2), [])
     with pytest.raises(ValueError, match="global batch"):
         train(cfg, resume=True, say=lambda *_: None)
+
+
+def test_compare_under_torchrun_trains_the_grid_once_and_writes_one_report(corpus, torchrun, tmp_path):
+    """Every rank trains every run of the grid together (here with the experts split over the 2 ranks);
+    rank 0 alone prints and writes the session record and the report."""
+    out = tmp_path / "grid"
+    done = torchrun("-m", 2, "mpirouter", "compare", "--routers", "linear,mpi", "--seeds", "0", "--preset", "debug",
+                    "--steps", "6", "--batch-size", "2", "--data", str(corpus), "--eval-every", "3", "--eval-batches", "1",
+                    "--out", str(out), "--no-progress", "--set", "dist.ep=2")
+    assert done.stdout.count("report: ") == 1 and done.stdout.count("finished in") == 2
+    assert len(list((out / "sessions").iterdir())) == 1
+    rows = json.loads((out / "report.json").read_text())["sections"][0]["rows"]
+    assert [r["label"] for r in rows] == ["linear", "mpi C'=1"] and all(r["router_ms"] is None for r in rows)
+    start = next(r for r in map(json.loads, next(out.rglob("metrics.jsonl")).read_text().splitlines()))
+    assert start["world_size"] == 2 and start["dist_ep"] == 2
