@@ -47,10 +47,6 @@ class DistContext:
         return self.rank == 0
 
     @property
-    def ep(self) -> int:
-        return self.config.ep
-
-    @property
     def dp_mesh(self) -> DeviceMesh:
         """Ranks holding the same experts (all ranks when ep = 1)."""
         return self.mesh["dp"]
