@@ -193,3 +193,16 @@ def test_compare_under_torchrun_trains_the_grid_once_and_writes_one_report(corpu
     assert [r["label"] for r in rows] == ["linear", "mpi C'=1"] and all(r["router_ms"] is None for r in rows)
     start = next(r for r in map(json.loads, next(out.rglob("metrics.jsonl")).read_text().splitlines()))
     assert start["world_size"] == 2 and start["dist_ep"] == 2
+
+
+def test_a_checkpoint_with_a_damaged_shard_is_skipped_for_the_previous_one(runs, tmp_path):
+    """Shards are checked against DCP's metadata before a resume picks a checkpoint (no traceback mid-load)."""
+    run = tmp_path / "damaged"
+    shutil.copytree(runs["fsdp-at-10"], run)
+    newest = ckpt.step_folders(run / "checkpoints")[-1]
+    shard = sorted((newest / ckpt.DCP_DIR).glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    said: list[str] = []
+    _, _, state = ckpt.load_checkpoint(run, fallback=True, say=said.append, weights=False)
+    assert state["step"] == 5 and state["path"].name == "step_0000005"
+    assert any(f"shard {shard.name} is truncated" in s for s in said), said
