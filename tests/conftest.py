@@ -35,13 +35,38 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 18
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        # torchrun starts its workers in sessions of their own: kill them by ancestry, not by process group
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            out = "(no output: a process still holds the pipe)"
         pytest.fail(f"torchrun {Path(script).name} did not finish in {timeout:.0f} s (killed):\n{out[-4000:]}")
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun {Path(script).name} exited {proc.returncode}:\n{out[-6000:]}")
     return result
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (read from /proc), children first."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parent_of.items() if parent in frontier]
+        out += kids
+        frontier = kids
+    return out
 
 
 @pytest.fixture(scope="session")
