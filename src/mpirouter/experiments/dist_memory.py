@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..core.model import MoELM, preset_config
-from ..parallel.expert import expert_parameters, moe_layers
+from ..parallel.expert import EXPERT_PARAMS, moe_layers
 
 BYTES_PER_PARAM = 16
 """fp32 weight + fp32 gradient + AdamW exp_avg + exp_avg_sq."""
@@ -42,7 +42,7 @@ def param_counts(preset: str, vocab_size: int) -> ParamCounts:
     with torch.device("meta"):
         model = MoELM(preset_config(preset, vocab_size=vocab_size))
     expert_names = {f"{name}.{p}" if name else p for name, _ in moe_layers(model)
-                    for p in ("w_gate", "w_up", "w_down", "router.weight")}
+                    for p in EXPERT_PARAMS}
     params = dict(model.named_parameters())
     expert = sum(p.numel() for n, p in params.items() if n in expert_names)
     dense = sum(p.numel() for p in params.values()) - expert

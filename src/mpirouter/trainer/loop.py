@@ -34,7 +34,7 @@ from ..common.files import atomic_write_text
 from ..core.model import MoELM
 from ..optim import build_optimizer
 from ..parallel.env import DistContext, agree, any_rank, init_distributed, rank_device
-from ..parallel.wrap import Parallelized, parallelize
+from ..parallel.wrap import parallelize
 from . import checkpoint as ckpt
 from . import rundir
 from . import sharded_checkpoint
