@@ -102,6 +102,25 @@ def mpi_rows(r_ED: torch.Tensor, *mats_EFD: torch.Tensor, scale: float) -> torch
     return retract(power_step(r_ED, *mats_EFD), scale)
 
 
+def router_rows(kind: str, r_ED: torch.Tensor, *mats_EFD: torch.Tensor, scale: float) -> torch.Tensor:
+    """The rows φ (E, D) in float32 that router `kind` multiplies tokens with (docs/method.md, eqs. 4-5).
+
+    linear / mpi-inplace: R itself; retract: C·normalize(R); power: R Gᵀ G; mpi: C·normalize(R Gᵀ G).
+    `mats_EFD` are the expert matrices of the power target (ignored by the kinds that do not use them).
+    """
+    if kind in ("linear", "mpi-inplace"):
+        return r_ED.float()
+    if kind == "retract":
+        return retract(r_ED.float(), scale)
+    if not mats_EFD:
+        raise ValueError(f"router kind {kind!r} needs the expert gate weights")
+    if kind == "power":
+        return power_step(r_ED.float(), *(m.float() for m in mats_EFD))
+    if kind == "mpi":
+        return mpi_rows(r_ED, *mats_EFD, scale=scale)
+    raise ValueError(f"unknown router kind {kind!r}; choose one of {', '.join(ROUTER_KINDS)}")
+
+
 def riemannian_ascent_step(v_D: torch.Tensor, a_DD: torch.Tensor) -> torch.Tensor:
     """One Riemannian gradient-ascent step of ρ(v) = vᵀAv on the unit sphere, step 1/ρ(v).
 
@@ -236,16 +255,11 @@ class Router(nn.Module):
 
     def _rows(self, w_gate_EFD: torch.Tensor | None, w_up_EFD: torch.Tensor | None, r_ED: torch.Tensor) -> torch.Tensor:
         kind = self.config.kind
-        if kind in ("linear", "mpi-inplace"):
-            return r_ED.float()
-        if kind == "retract":
-            return retract(r_ED.float(), self.scale)
-        if w_gate_EFD is None:
+        uses_experts = kind in ("mpi", "power")
+        if uses_experts and w_gate_EFD is None:
             raise ValueError(f"router kind {kind!r} needs the expert gate weights")
-        mats = tuple(m.float() for m in select_target(self.config.target, w_gate_EFD, w_up_EFD))
-        if kind == "power":
-            return power_step(r_ED.float(), *mats)
-        return mpi_rows(r_ED, *mats, scale=self.scale)
+        mats = select_target(self.config.target, w_gate_EFD, w_up_EFD) if uses_experts else ()
+        return router_rows(kind, r_ED, *mats, scale=self.scale)
 
     def forward(
         self,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.routers import mpi_rows, power_step, retract
+from ...core.routers import router_rows
 from .state import _Layer
 
 
@@ -26,14 +26,8 @@ class _RouterRows(nn.Module):
 
     def forward(self, r_ED: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=r_ED.device.type, enabled=False):
-            if self.kind == "mpi-inplace":
-                phi_ED = r_ED.float()
-            elif self.kind == "retract":
-                phi_ED = retract(r_ED.float(), self.scale)
-            elif self.kind == "power":
-                phi_ED = power_step(r_ED.float(), *(m.float() for m in self._layer.mats(self.target)))
-            else:
-                phi_ED = mpi_rows(r_ED, *self._layer.mats(self.target), scale=self.scale)
+            mats = self._layer.mats(self.target) if self.kind in ("mpi", "power") else ()
+            phi_ED = router_rows(self.kind, r_ED, *mats, scale=self.scale)
         return phi_ED.to(self.dtype_probe.dtype)
 
     def extra_repr(self) -> str:
