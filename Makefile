@@ -1,12 +1,17 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then train linear vs mpi routers on the embedded corpus and compare (~5 min, 2 CPU cores)
-#   make test   set up, then run the test suite
+#   make test   set up (with the torchtitan extra), then run the test suite
 # Set-up: a virtualenv in .venv that can see a torch you already have; torch==2.13.0 is
 # installed only when no torch is importable (an unpinned torch would pull a multi-GB CUDA build).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mpirouter-installed
+TITAN_STAMP := $(VENV)/.mpirouter-titan-installed
+# The torchtitan extra, pinned for the tests. torchtitan pins datasets<4.8 (dev has 5.x) and pulls wandb,
+# torchdata/torch-checkpointing require torch: these go in --no-deps; importing torchtitan needs triton.
+TITAN_NO_DEPS := torchtitan==0.3.0 triton==3.9.0 torchdata==0.11.0 torch-checkpointing==0.1.1 spmd-types==0.2.3
+TITAN_DEPS := tyro==1.0.17 tensorboard==2.21.0 einops==0.8.2
 # glibc: keep big buffers mapped between steps (docs/performance.md); the CLI sets it itself too.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
@@ -20,10 +25,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+$(TITAN_STAMP): $(STAMP) Makefile
+	$(PY) -m pip install --quiet --no-deps $(TITAN_NO_DEPS)
+	$(PY) -m pip install --quiet $(TITAN_DEPS)
+	touch $@
+
 demo: setup
 	$(VENV)/bin/mpirouter demo
 
-test: setup
+test: setup $(TITAN_STAMP)
 	$(PY) -m pytest -q
 
 bench: setup

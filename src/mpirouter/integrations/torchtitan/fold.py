@@ -1,0 +1,45 @@
+"""Fold MPI router rows for release: a state dict that stock torchtitan (and transformers) load as is.
+
+    sd = folded_state_dict(model)                       # gate weights hold φ, not R
+    stock = to_stock(model_config).build(); stock.load_state_dict(sd)      # same logits, no mpirouter
+    hf_sd = Qwen3StateDictAdapter(to_stock(model_config), None).to_hf(sd)  # transformers' keys
+
+The keys are torchtitan's own (`layers.<i>.moe.router.gate.weight` holds φ instead of R), so the
+folded weights also go through torchtitan's HF state-dict adapters and its checkpoint export unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gate import gathered_rows, whole, whole_experts
+from .moe import MPIMoE
+
+
+@torch.no_grad()
+def folded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` as whole tensors, with each MPI router gate's R replaced by its rows φ.
+
+    φ is computed exactly as in the forward (float32) and stored in the gate's dtype. DTensor
+    parameters are gathered (a collective: under torchrun every rank calls this); the result holds
+    whole tensors on every rank. Refuses non-finite rows rather than writing them.
+    """
+    out = {k: whole(v).detach().clone() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if not isinstance(module, MPIMoE):
+            continue
+        key = f"{name.replace('._checkpoint_wrapped_module', '')}.router.gate.weight"
+        gate = module.router.gate
+        phi_ED = _whole_rows(gate)
+        if not torch.isfinite(phi_ED).all():
+            raise ValueError(f"{key}: the router rows are not finite; refusing to fold")
+        out[key] = phi_ED.to(out[key].dtype)
+    return out
+
+
+def _whole_rows(gate) -> torch.Tensor:
+    # gathered outside a forward: FSDP keeps the weights sharded between steps
+    r_ED = whole(gate.weight)
+    mats = tuple(whole_experts(m, r_ED.shape[0]) for m in gate.matrices()) if gate.kind in ("mpi", "power") else ()
+    return gathered_rows(gate.kind, r_ED, mats, gate.scale)
+
