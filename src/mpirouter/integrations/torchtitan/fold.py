@@ -20,15 +20,22 @@ from .moe import MPIMoE
 def folded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`model.state_dict()` as whole tensors, with each MPI router gate's R replaced by its rows φ.
 
-    φ is computed exactly as in the forward (float32) and stored in the gate's dtype. DTensor
-    parameters are gathered (a collective: under torchrun every rank calls this); the result holds
-    whole tensors on every rank. Refuses non-finite rows rather than writing them.
+    φ is computed as in the forward (float32 math) from the stored weights and kept in the gate's
+    dtype; a model trained with bf16 FSDP parameters computed φ from bf16-rounded copies, so its folded
+    rows match its training forward up to that rounding. DTensor parameters and expert-parallel shards
+    are gathered (collectives: under torchrun every rank calls this); the result holds whole tensors on
+    every rank. Refuses non-finite rows rather than writing them.
     """
     out = {k: whole(v).detach().clone() for k, v in model.state_dict().items()}
     for name, module in model.named_modules():
         if not isinstance(module, MPIMoE):
             continue
-        key = f"{name.replace('._checkpoint_wrapped_module', '')}.router.gate.weight"
+        prefix = name.replace("._checkpoint_wrapped_module", "")
+        num_experts = module.router.gate.out_features
+        for pname, param in module.routed_experts.inner_experts.named_parameters():
+            # under spmd_types an expert-parallel shard is a plain local tensor that `whole` leaves as it is
+            out[f"{prefix}.routed_experts.inner_experts.{pname}"] = whole_experts(param, num_experts).detach().clone()
+        key = f"{prefix}.router.gate.weight"
         gate = module.router.gate
         phi_ED = _whole_rows(gate)
         if not torch.isfinite(phi_ED).all():

@@ -15,6 +15,7 @@ an SVD, so it runs only every `alignment_every` steps, each rank taking a share 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -69,9 +70,11 @@ class RouterMetricsProcessor(MetricsProcessor):
 
     def should_log(self, step: int) -> bool:
         logs = super().should_log(step)
-        if logs:
-            # torchtitan asks once, before the step's forward: the counts then cover exactly this step
-            for _, layer in mpi_layers(self.model_parts):
+        # torchtitan's trainer asks once, before the step's forward: the layers count routed tokens
+        # during the steps that will be logged, from zero, and not at all in the others
+        for _, layer in mpi_layers(self.model_parts):
+            layer.count_routed_tokens = logs
+            if logs:
                 plain(layer.routed_tokens_E).zero_()
         return logs
 
@@ -89,11 +92,12 @@ class RouterMetricsProcessor(MetricsProcessor):
         names = [name for name, _ in layers]
         with_alignment = self.config.alignment_every > 0 and step % self.config.alignment_every == 0
         if with_alignment:
-            share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            # the loss mesh holds the ranks with this model part (the same layers, under pipeline parallelism too)
+            share = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
             with torch.no_grad():
                 align_n2E = torch.stack([layer_alignment(layer, share) for _, layer in layers])
-            if dist.is_initialized():
-                dist.all_reduce(align_n2E)  # each expert was computed by exactly one rank
+            if group is not None:
+                dist.all_reduce(align_n2E, group=group)  # each expert was computed by exactly one rank
             values.append(align_n2E.mean(-1).reshape(-1))  # (φ, R) per layer
         host = torch.cat(values).tolist()  # the one host read of the router metrics, at a log step
         out = {f"router/maxvio/{n}": v for n, v in zip(names, host[:len(names)])}
@@ -109,7 +113,10 @@ class RouterMetricsProcessor(MetricsProcessor):
 
     def log(self, step: int, global_avg_loss: float, global_max_loss: float, grad_norm: float,
             extra_metrics: dict | None = None):
+        started = time.perf_counter()
         router = self.router_metrics(step)
+        # torchtitan's throughput is measured from its last log: leave the metrics' own time out of it
+        self.time_last_log += time.perf_counter() - started
         if router:
             line = f"router: maxvio mean {router['router/maxvio_mean']:.3f} max {max(v for k, v in router.items() if k.startswith('router/maxvio/')):.3f}"
             if "router/alignment_phi_mean" in router:

@@ -31,13 +31,19 @@ class MPIMoE(MoE):
 
     def __init__(self, config: Config):
         super().__init__(config)
+        if not isinstance(self.router.gate, MPIGate):
+            # e.g. a quantization converter that rewrote every Linear config, the router gate included
+            raise ValueError(f"MPIMoE: the router gate was built as {type(self.router.gate).__qualname__}, not MPIGate; "
+                             "keep converters off 'router.gate' (e.g. add it to their filter_fqns)")
         self.router.gate.bind_experts(self.routed_experts.inner_experts)
+        self.count_routed_tokens = True
+        """Whether the forward counts routed tokens; `RouterMetricsProcessor` turns it on for logged steps only."""
         # counts of the current logging window, summed over micro-batches, read by RouterMetricsProcessor
         self.register_buffer("routed_tokens_E", torch.zeros(config.num_experts, dtype=torch.float32), persistent=False)
         self.router.register_forward_hook(self._count_routed_tokens)
 
     def _count_routed_tokens(self, _router, _inputs, outputs) -> None:
-        if not self.training:
+        if not (self.training and self.count_routed_tokens):
             return
         expert_ids_BLK = outputs[1]
         if isinstance(expert_ids_BLK, DTensor):
