@@ -35,6 +35,9 @@ PowerTarget = Literal["gate", "up", "gate_up"]
 ROUTER_KINDS: tuple[str, ...] = get_args(RouterKind)
 POWER_TARGETS: tuple[str, ...] = get_args(PowerTarget)
 
+EXPERT_KINDS: tuple[str, ...] = ("mpi", "power")
+"""The router kinds whose rows are computed from the expert matrices (the others need only R)."""
+
 # Rows whose norm is at or below this are treated as degenerate (see `retract`).
 DEGENERATE_NORM = 1e-20
 
@@ -255,7 +258,7 @@ class Router(nn.Module):
 
     def _rows(self, w_gate_EFD: torch.Tensor | None, w_up_EFD: torch.Tensor | None, r_ED: torch.Tensor) -> torch.Tensor:
         kind = self.config.kind
-        uses_experts = kind in ("mpi", "power")
+        uses_experts = kind in EXPERT_KINDS
         if uses_experts and w_gate_EFD is None:
             raise ValueError(f"router kind {kind!r} needs the expert gate weights")
         mats = select_target(self.config.target, w_gate_EFD, w_up_EFD) if uses_experts else ()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.routers import router_rows
+from ...core.routers import EXPERT_KINDS, router_rows
 from .state import _Layer
 
 
@@ -26,7 +26,7 @@ class _RouterRows(nn.Module):
 
     def forward(self, r_ED: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=r_ED.device.type, enabled=False):
-            mats = self._layer.mats(self.target) if self.kind in ("mpi", "power") else ()
+            mats = self._layer.mats(self.target) if self.kind in EXPERT_KINDS else ()
             phi_ED = router_rows(self.kind, r_ED, *mats, scale=self.scale)
         return phi_ED.to(self.dtype_probe.dtype)
 

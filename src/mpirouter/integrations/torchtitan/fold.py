@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ...core.routers import EXPERT_KINDS
 from .gate import gathered_rows, whole, whole_experts
 from .moe import MPIMoE
 
@@ -47,6 +48,6 @@ def folded_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _whole_rows(gate) -> torch.Tensor:
     # gathered outside a forward: FSDP keeps the weights sharded between steps
     r_ED = whole(gate.weight)
-    mats = tuple(whole_experts(m, r_ED.shape[0]) for m in gate.matrices()) if gate.kind in ("mpi", "power") else ()
+    mats = tuple(whole_experts(m, r_ED.shape[0]) for m in gate.matrices()) if gate.kind in EXPERT_KINDS else ()
     return gathered_rows(gate.kind, r_ED, mats, gate.scale)
 

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torchtitan.distributed.spmd_types import spmd_sparse_mesh
 from torchtitan.models.common.linear import Linear
 
-from ...core.routers import mpi_scale, router_rows
+from ...core.routers import EXPERT_KINDS, mpi_scale, router_rows
 
 GateKind = Literal["mpi", "power", "retract", "linear"]
 GateTarget = Literal["gate", "up", "gate_up"]
@@ -113,7 +113,7 @@ def gathered_rows(kind: str, r_ED: torch.Tensor, mats_EFD: tuple[torch.Tensor, .
     all-gathered in expert order; the all-gather's backward is a SUM reduce-scatter (docs/torchtitan.md).
     """
     r_ED = plain(r_ED)
-    if kind not in ("mpi", "power"):
+    if kind not in EXPERT_KINDS:
         return router_rows(kind, r_ED, scale=scale)
     parts = [local_experts(m, r_ED.shape[0]) for m in mats_EFD]
     first = parts[0]
@@ -172,7 +172,7 @@ class MPIGate(Linear):
     def rows(self) -> torch.Tensor:
         """φ (E, D), float32, differentiable into R and the expert matrices (a collective under EP)."""
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
-            mats = self.matrices() if self.kind in ("mpi", "power") else ()
+            mats = self.matrices() if self.kind in EXPERT_KINDS else ()
             return gathered_rows(self.kind, self.weight, mats, self.scale)
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 from torchtitan.models.common.moe import MoE
 
-from .gate import MPIGate
+from .gate import MPIGate, plain
 
 
 class MPIMoE(MoE):
@@ -45,12 +44,7 @@ class MPIMoE(MoE):
     def _count_routed_tokens(self, _router, _inputs, outputs) -> None:
         if not (self.training and self.count_routed_tokens):
             return
-        expert_ids_BLK = outputs[1]
-        if isinstance(expert_ids_BLK, DTensor):
-            expert_ids_BLK = expert_ids_BLK.to_local()
-        counts = self.routed_tokens_E
-        if isinstance(counts, DTensor):
-            counts = counts.to_local()
+        expert_ids_BLK, counts = plain(outputs[1]), plain(self.routed_tokens_E)
         with torch.no_grad():
             counts.add_(torch.bincount(expert_ids_BLK.reshape(-1), minlength=counts.numel()).to(counts.dtype))
 
