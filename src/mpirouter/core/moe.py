@@ -12,6 +12,11 @@ Expert i computes y_i(x) = D_i (silu(G_i x) * (U_i x)) with
 Dispatch sorts the T*K routed slots by expert so each expert multiplies one contiguous
 block of rows (no Python loop over tokens, no capacity, no dropped tokens).
 
+Beside the routed experts, `n_shared` always-on shared experts (DeepSeek-MoE) add one dense SwiGLU of
+width n_shared·F to every token's output. Scores are a softmax over the experts or an independent sigmoid
+per expert (DeepSeek-V3); balance comes from the auxiliary loss, from an aux-loss-free expert bias that
+acts on selection only and is updated after each optimizer step from the batch's load, or from both.
+
 Expert parallelism plugs in through `MoE.ep` (an `ExpertSharding`, `parallel.expert.ExpertParallel`):
 then the expert stacks and R are DTensors sharded over the experts, the layer computes φ for its
 local experts and gathers the rows, and the plan moves the routed slots to their experts' ranks.
@@ -33,6 +38,8 @@ from .routers import Router, RouterConfig, alignment, select_target
 
 Dispatch = Literal["auto", "loop", "grouped_mm"]
 AuxScope = Literal["sequence", "batch", "global"]
+ScoreFunc = Literal["softmax", "sigmoid"]
+Balance = Literal["aux", "bias", "both"]
 
 
 @dataclass
@@ -46,9 +53,20 @@ class MoEConfig:
     hidden: int = 256
     """Hidden size F of each SwiGLU expert."""
     renormalize: bool = True
-    """Rescale the chosen top-k probabilities to sum to 1."""
+    """Rescale the chosen top-k scores to sum to 1."""
+    score_func: ScoreFunc = "softmax"
+    """Router scores: a softmax over all experts, or an independent sigmoid per expert (DeepSeek-V3).
+    Top-k picks the largest scores; with `renormalize` their weights are scaled to sum to 1."""
+    balance: Balance = "aux"
+    """Load balancing: "aux" the auxiliary loss (aux_loss_coef), "bias" DeepSeek-V3's aux-loss-free
+    expert bias (bias_update_rate; no loss), "both"."""
     aux_loss_coef: float = 0.01
-    """Coefficient of the load-balancing loss coef * E * Σ_i f_i P_i (0 disables it)."""
+    """Coefficient of the load-balancing loss coef * E * Σ_i f_i P_i (0 disables it; unused when balance="bias")."""
+    bias_update_rate: float = 1e-3
+    """Step u of the expert-bias update b_i += u · sign(mean load − load_i) after each optimizer step
+    (DeepSeek-V3's bias update speed; unused when balance="aux")."""
+    n_shared: int = 0
+    """Shared experts: always-on SwiGLU experts of width `hidden` beside the routed ones (DeepSeek-MoE); 0: none."""
     aux_loss_scope: AuxScope = "sequence"
     """Compute f and P per sequence and average (the reference code), over the micro-batch, or with f
     over the global batch of all data-parallel ranks ("global", Megatron-Core's global aux loss)."""
@@ -68,18 +86,33 @@ class MoEConfig:
         check_number("top_k", self.top_k, integer=True, ge=1, le=self.num_experts, upper_name=f"num_experts={self.num_experts}")
         check_number("hidden (expert hidden size)", self.hidden, integer=True, ge=1)
         check_number("aux_loss_coef", self.aux_loss_coef, ge=0)
+        check_number("bias_update_rate", self.bias_update_rate, gt=0)
+        check_number("n_shared (shared experts)", self.n_shared, integer=True, ge=0)
+        if self.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {show_value(self.score_func)}")
+        if self.balance not in ("aux", "bias", "both"):
+            raise ValueError(f"balance must be 'aux', 'bias' or 'both', got {show_value(self.balance)}")
         check_number("z_loss_coef", self.z_loss_coef, ge=0)
         if self.aux_loss_scope not in ("sequence", "batch", "global"):
             raise ValueError(f"aux_loss_scope must be 'sequence', 'batch' or 'global', got {self.aux_loss_scope!r}")
         if self.dispatch not in ("auto", "loop", "grouped_mm"):
             raise ValueError(f"dispatch must be auto, loop or grouped_mm, got {self.dispatch!r}")
 
+    @property
+    def uses_aux_loss(self) -> bool:
+        return self.balance in ("aux", "both") and self.aux_loss_coef > 0
+
+    @property
+    def uses_expert_bias(self) -> bool:
+        return self.balance in ("bias", "both")
+
 
 class Routing(NamedTuple):
     """Top-k routing decision for T tokens."""
 
     probs_TE: torch.Tensor
-    """Softmax over all experts, float32."""
+    """Each token's distribution over all experts, float32: the softmax, or the sigmoid scores normalized
+    to sum 1 (the P_i of the balance loss, as in DeepSeek-V3's sequence-wise loss)."""
     weights_TK: torch.Tensor
     """Combine weights of the chosen experts, float32."""
     experts_TK: torch.Tensor
@@ -110,15 +143,41 @@ class MoEOutput(NamedTuple):
 # ----------------------------------------------------------------------------- pure functions
 
 
-def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
-    """Softmax over all experts in float32, top-k, optional renormalization (docs/method.md, eq. 2)."""
+def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True, score_func: ScoreFunc = "softmax",
+          bias_E: torch.Tensor | None = None) -> Routing:
+    """Scores in float32, top-k, optional renormalization (docs/method.md, eqs. 2 and 11–12).
+
+    score_func="softmax": s = softmax(l) over all experts; "sigmoid": s_i = σ(l_i) per expert (DeepSeek-V3).
+    `bias_E` (aux-loss-free balancing): the experts are the top-k of s + b, their weights come from s
+    alone, so the bias steers selection and never the output's scale.
+    """
     if not 1 <= top_k <= logits_TE.shape[-1]:  # plain comparison: this runs in every layer's forward
         raise ValueError(f"top_k must be in [1, num_experts={logits_TE.shape[-1]}], got {top_k}")
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if score_func == "softmax":
+        scores_TE = torch.softmax(logits_TE.float(), dim=-1)
+    else:
+        scores_TE = torch.sigmoid(logits_TE.float())
+    if bias_E is None:
+        weights_TK, experts_TK = torch.topk(scores_TE, top_k, dim=-1)
+    else:
+        experts_TK = torch.topk(scores_TE + bias_E.float(), top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(-1, experts_TK)
     if renormalize:
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        # sigmoid weights can all underflow to 0: DeepSeek-V3's 1e-20 keeps the division finite
+        denom_T1 = weights_TK.sum(-1, keepdim=True)
+        weights_TK = weights_TK / (denom_T1 if score_func == "softmax" else denom_T1 + 1e-20)
+    probs_TE = scores_TE if score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
     return Routing(probs_TE, weights_TK, experts_TK)
+
+
+def expert_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's aux-loss-free bias step b_i ← b_i + u · sign(mean_j load_j − load_i) (docs/method.md, eq. 12).
+
+    Overloaded experts lose selection priority, underloaded ones gain it; an expert exactly at the
+    mean keeps its bias. `load_E`: routed slots per expert over the whole step's batch (all ranks).
+    """
+    load_E = load_E.to(bias_E.dtype)
+    return bias_E + rate * torch.sign(load_E.mean() - load_E)
 
 
 def tokens_per_expert(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -383,6 +442,23 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t if to_local is None else to_local()
 
 
+class SharedExperts(nn.Module):
+    """`n` always-on SwiGLU experts of hidden size F, stored as one SwiGLU of width n·F (the sum of the
+    n experts' outputs equals it with their weights concatenated, and it is one matmul, not n).
+
+    Shape suffix H = n·F. Replicated under expert parallelism, like a dense FFN.
+    """
+
+    def __init__(self, dim: int, n: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(n * hidden, dim))
+        self.w_up = nn.Parameter(torch.empty(n * hidden, dim))
+        self.w_down = nn.Parameter(torch.empty(dim, n * hidden))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x_TD, self.w_gate)) * F.linear(x_TD, self.w_up), self.w_down)
+
+
 class MoE(nn.Module):
     """Dropless top-k MoE FFN: router + E SwiGLU experts in stacked parameters.
 
@@ -392,8 +468,11 @@ class MoE(nn.Module):
     `ep`: the expert-parallel plan (None: all experts here); set by `parallel.expert.shard_experts`,
     which also turns w_gate, w_up, w_down and router.weight into DTensors sharded over the experts.
     Under it every forward, `router_rows` and `alignment` are collectives of the EP group.
-    `balance_group`: the process group whose ranks the "global" balance loss spans (None: the
-    default group, i.e. all ranks).
+    `balance_group`: the process group whose ranks the "global" balance loss and the expert-bias load
+    span (None: the default group, i.e. all ranks).
+
+    With `config.uses_expert_bias` the layer holds `expert_bias` (E,), a float32 buffer saved with the
+    weights, and adds up the routed slots of every training forward until `post_step` updates the bias.
     """
 
     ep: ExpertSharding | None
@@ -407,6 +486,11 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(E, Fh, dim))
         self.w_up = nn.Parameter(torch.empty(E, Fh, dim))
         self.w_down = nn.Parameter(torch.empty(E, dim, Fh))
+        self.shared = SharedExperts(dim, config.n_shared, Fh) if config.n_shared > 0 else None
+        if config.uses_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(E))
+        # a plain attribute, not a buffer: DDP broadcasts buffers from rank 0, and each rank's load is its own
+        self._load_E: torch.Tensor | None = None
         self.ep = None
         self.balance_group = None
         self.reset_parameters()
@@ -419,6 +503,14 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_down, std=0.02 if out_std is None else out_std)
         # router rows: 0.02 (torchtitan); MPI variants only use the rows' directions.
         nn.init.normal_(self.router.weight, std=0.02)
+        if self.shared is not None:
+            # after the routed experts and R, so that adding shared experts leaves their initial values as they were
+            nn.init.normal_(self.shared.w_gate, std=0.02)
+            nn.init.normal_(self.shared.w_up, std=0.02)
+            nn.init.normal_(self.shared.w_down, std=0.02 if out_std is None else out_std)
+        if self.config.uses_expert_bias:
+            self.expert_bias.zero_()
+        self._load_E = None
         self.post_step()
 
     def router_rows(self) -> torch.Tensor:
@@ -437,7 +529,7 @@ class MoE(nn.Module):
     def _needs_collectives(self) -> bool:
         """Whether a forward talks to other ranks: then it must run even with no tokens, or the others hang."""
         cfg = self.config
-        global_aux = cfg.aux_loss_scope == "global" and cfg.aux_loss_coef > 0 and dist.is_available() and dist.is_initialized()
+        global_aux = cfg.aux_loss_scope == "global" and cfg.uses_aux_loss and dist.is_available() and dist.is_initialized()
         return self.ep is not None or global_aux
 
     def forward(self, x_BSD: torch.Tensor, rows_ED: torch.Tensor | None = None) -> MoEOutput:
@@ -445,23 +537,32 @@ class MoE(nn.Module):
         cfg = self.config
         B, S, D = x_BSD.shape
         T = B * S
+        counting = cfg.uses_expert_bias and self.training and torch.is_grad_enabled()
+        if counting and self._load_E is None:
+            # set before any early return: a rank without tokens still joins post_step's all-reduce
+            self._load_E = torch.zeros(cfg.num_experts, dtype=torch.int64, device=x_BSD.device)
         if T == 0 and not self._needs_collectives():
             return self._empty_output(x_BSD) if rows_ED is None else self._empty_output_with_rows(x_BSD, rows_ED)
         x_TD = x_BSD.reshape(T, D)
         if rows_ED is None:
             rows_ED = self.router_rows()
         logits_TE = self.router(x_TD, rows_ED=rows_ED)
-        routing = route(logits_TE, cfg.top_k, cfg.renormalize)
+        routing = route(logits_TE, cfg.top_k, cfg.renormalize, cfg.score_func, self.expert_bias if cfg.uses_expert_bias else None)
         if self.ep is None:
             out_TD, counts_E = moe_forward_sorted(x_TD, routing, self.w_gate, self.w_up, self.w_down, cfg.dispatch)
         else:
             experts = (local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.w_down))
             out_TD, counts_E = self.ep.run_experts(x_TD, routing, *experts, cfg.dispatch)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD).to(out_TD.dtype)
+        if counting:
+            # the load of the whole optimizer step (all micro-batches), read by post_step; no host read
+            self._load_E = self._load_E + counts_E.detach()
         zero = logits_TE.new_zeros(())
         # means over no tokens would be NaN: a rank without tokens that still takes part reports zeros
         per_token = T > 0
         aux = zero
-        if cfg.aux_loss_coef > 0 and (per_token or cfg.aux_loss_scope == "global"):
+        if cfg.uses_aux_loss and (per_token or cfg.aux_loss_scope == "global"):
             probs_BSE, experts_BSK = routing.probs_TE.view(B, S, cfg.num_experts), routing.experts_TK.view(B, S, cfg.top_k)
             aux = load_balance_loss(probs_BSE, experts_BSK, cfg.aux_loss_coef, cfg.aux_loss_scope, self.balance_group)
         z = router_z_loss(logits_TE, cfg.z_loss_coef) if cfg.z_loss_coef > 0 and per_token else zero
@@ -496,11 +597,19 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def post_step(self) -> None:
-        """Hook run after every optimizer step (and at init): the `mpi-inplace` router update.
+        """Hook run after every optimizer step (and at init): the `mpi-inplace` router update, and the expert-bias update.
 
         Under expert parallelism each rank updates its own rows of R from its own experts (no communication).
+        The bias update sums the step's load over the ranks of `balance_group` first (an all-reduce, so every
+        rank must call this after every step), which keeps every rank's bias identical.
         """
         self.router.inplace_update(local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight))
+        if self.config.uses_expert_bias and self._load_E is not None:
+            load_E = self._load_E.clone()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(load_E, group=self.balance_group)  # int64: exact
+            self.expert_bias.copy_(expert_bias_update(self.expert_bias, load_E, self.config.bias_update_rate))
+            self._load_E = None
 
     @torch.no_grad()
     def alignment(self) -> dict[str, torch.Tensor]:
@@ -551,15 +660,19 @@ def moe_flops(tokens: int, top_k: int, dim: int, hidden: int, backward: bool = T
 
 
 __all__ = [
+    "Balance",
     "ExpertSharding",
     "MoE",
     "MoEConfig",
     "MoEOutput",
     "MoEStats",
     "Routing",
+    "ScoreFunc",
+    "SharedExperts",
     "autocast_operands",
     "choose_dispatch",
     "combine_slots",
+    "expert_bias_update",
     "expert_bounds",
     "expert_ffn_sorted",
     "grouped_linear",

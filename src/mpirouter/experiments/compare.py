@@ -1,16 +1,20 @@
-"""Matched grids of trainings (routers × seeds × optimizers × C' × lr) and a report comparing them.
+"""Matched grids of trainings (routers × seeds × optimizers × C' × power targets × lr × any config axes) and a report.
 
     mpirouter compare --preset tiny --routers linear,mpi --seeds 0,1,2 --steps 600 --out runs/compare
     mpirouter compare --out runs/compare --report-only          # rebuild report.md from the run folders
     mpirouter compare --routers linear,mpi --lr 1.5e-3,3e-3,6e-3 --scales 0.5,1,2 --out runs/sweep   # a fair sweep
     mpirouter compare --data corpus/ --tokenizer bpe --out runs/compare-corpus   # another corpus, as in `train`
+    mpirouter compare --vary model.moe.score_func=softmax,sigmoid --vary model.moe.balance=aux,bias --out runs/cells
+    mpirouter compare --routers linear,mpi --targets gate,up,gate_up --out runs/targets   # the power step's matrix
 
 Runs with the same seed are matched: the same batches in the same order (batches are a pure
 function of (seed, step)) and the same initial weights for every parameter the routers share
 (weights depend only on the seed). The grid runs sequentially and is resumable: a finished run
 is skipped, a half-finished one resumes from its latest checkpoint. Run folders are
-`{out}/{preset}/{optimizer}[-lr{lr}]/{router}-C{C'}/seed{n}` (`{router}` alone for routers that ignore
-C'; `-lr{lr}` when the lr is given rather than the optimizer's default). Several compare processes may
+`{out}/{preset}/{optimizer}[-lr{lr}]/[{cell}/]{router}-C{C'}[-{target}]/seed{n}` (`{router}` alone for routers
+that ignore C'; `-lr{lr}` when the lr is given rather than the optimizer's default; `-{target}` for a power
+target other than the gate; `{cell}` names the `--vary` values, e.g. `score_func=sigmoid,balance=bias`).
+Each `--vary` cell is a section of the report with its own linear baseline. Several compare processes may
 share one output folder when their grids are disjoint (e.g. split by seeds, one process per core):
 each call records itself in its own `sessions/*.json`. The report (`report.md`, `report.json`, PNG
 plots) is rebuilt from the run folders alone; with several lrs it adds a sweep table that compares
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import itertools
 import json
 import math
 import os
@@ -33,7 +38,7 @@ from ..common.config import apply_overrides, flatten, to_dict
 from ..common.files import atomic_write_text
 from ..common.provenance import environment
 from ..core.model import preset_config
-from ..core.routers import ROUTER_KINDS, RouterConfig
+from ..core.routers import POWER_TARGETS, ROUTER_KINDS, RouterConfig
 from ..optim import OptimConfig
 from ..parallel.env import agree, init_distributed, rank_device
 from ..trainer.checkpoint import resolve_checkpoint
@@ -44,9 +49,9 @@ from ..trainer.loop import train
 from ..trainer.metrics import read_metrics
 from ..trainer.rundir import RunLockedError, is_run_folder
 from ..trainer.schedule import ScheduleConfig
-from .report import SCALE_FREE, SESSIONS, variant_label, write_report
+from .report import SCALE_FREE, SESSIONS, TARGET_FREE, variant_label, write_report
 
-GRID_KEYS = ("model.moe.router.kind", "model.moe.router.scale_prime", "optim.name", "optim.lr", "seed", "out_dir")
+GRID_KEYS = ("model.moe.router.kind", "model.moe.router.scale_prime", "model.moe.router.target", "optim.name", "optim.lr", "seed", "out_dir")
 """Config fields the grid sets itself; `overrides` may not touch them."""
 _UNCHECKED = {"out_dir", "progress", "device", "compile", "tensorboard", "model.vocab_size"}
 
@@ -63,6 +68,12 @@ class CompareConfig:
     """Optimizer names, passed through as `optim.name=...`."""
     scales: list[float] = field(default_factory=lambda: [1.0])
     """MPI scales C' (model.moe.router.scale_prime); linear and power ignore them."""
+    targets: list[str] = field(default_factory=lambda: ["gate"])
+    """Power-step targets (model.moe.router.target: gate, up, gate_up) of the routers that use one (mpi, power,
+    mpi-inplace); linear and retract are trained once per seed."""
+    vary: dict[str, list[str]] = field(default_factory=dict)
+    """Further grid axes: config field -> values (as `--set` would parse them); every combination is a cell,
+    a section of the report with its own paired linear baseline."""
     preset: str = "tiny"
     """Model preset."""
     steps: int = 600
@@ -91,7 +102,7 @@ class CompareConfig:
     """Show each training's progress bar."""
 
     def __post_init__(self) -> None:
-        for name in ("routers", "seeds", "optimizers", "scales", "lrs"):
+        for name in ("routers", "seeds", "optimizers", "scales", "targets", "lrs"):
             values = getattr(self, name)
             if not values and name != "lrs":
                 raise ValueError(f"compare: {name} must not be empty")
@@ -100,9 +111,19 @@ class CompareConfig:
         bad = [r for r in self.routers if r not in ROUTER_KINDS]
         if bad:
             raise ValueError(f"compare: unknown router(s) {bad}; choose from {', '.join(ROUTER_KINDS)}")
+        bad = [t for t in self.targets if t not in POWER_TARGETS]
+        if bad:
+            raise ValueError(f"compare: unknown power target(s) {bad}; choose from {', '.join(POWER_TARGETS)}")
         for item in self.overrides:
             if item.split("=", 1)[0].strip() in GRID_KEYS:
-                raise ValueError(f"compare: override {item!r} sets a grid key; use --routers/--seeds/--optimizers/--scales/--lr")
+                raise ValueError(f"compare: override {item!r} sets a grid key; use --routers/--seeds/--optimizers/--scales/--targets/--lr")
+        for key, values in self.vary.items():
+            if key in GRID_KEYS:
+                raise ValueError(f"compare: --vary {key} is a grid key; use --routers/--seeds/--optimizers/--scales/--targets/--lr")
+            if any(item.split("=", 1)[0].strip() == key for item in self.overrides):
+                raise ValueError(f"compare: {key} is both varied (--vary) and set (--set); keep one")
+            if not values or len(set(values)) != len(values) or any(not v or "/" in v or "," in v for v in values):
+                raise ValueError(f"compare: --vary {key} needs distinct non-empty values without '/' or ',', got {values}")
         if any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"compare: learning rates must be > 0, got {self.lrs}")
         if self.steps < 1:
@@ -121,6 +142,10 @@ class GridRun:
     scale: float | None
     lr: float | None
     config: "TrainConfig"  # noqa: F821
+    target: str | None = None
+    """The power target, None for routers without one."""
+    cell: dict[str, str] = field(default_factory=dict)
+    """This run's `--vary` values."""
 
     @property
     def run_dir(self) -> Path:
@@ -129,14 +154,22 @@ class GridRun:
     @property
     def label(self) -> str:
         lr = "" if self.lr is None else f" lr {self.lr:g}"
-        return f"{variant_label(self.router, self.scale)} seed {self.seed} [{self.optimizer}{lr}]"
+        cell = f" {cell_name(self.cell)}" if self.cell else ""
+        return f"{variant_label(self.router, self.scale, self.target)} seed {self.seed} [{self.optimizer}{lr}{cell}]"
+
+
+def cell_name(cell: dict[str, str]) -> str:
+    """A `--vary` cell as a folder name, e.g. "score_func=sigmoid,balance=bias" (last part of each key)."""
+    return ",".join(f"{key.split('.')[-1]}={value}" for key, value in cell.items())
 
 
 def run_config(cfg: CompareConfig, router: str, seed: int, optimizer: str, scale: float | None,
-               lr: float | None = None) -> TrainConfig:
-    """The TrainConfig of one grid cell (overrides first, then the grid's own keys)."""
-    folder = router if scale is None else f"{router}-C{scale:g}"
+               lr: float | None = None, target: str | None = None, cell: dict[str, str] | None = None) -> TrainConfig:
+    """The TrainConfig of one run (overrides first, then the cell's `--vary` values, then the grid's own keys)."""
+    folder = (router if scale is None else f"{router}-C{scale:g}") + (f"-{target}" if target not in (None, "gate") else "")
     opt_folder = optimizer if lr is None else f"{optimizer}-lr{lr:g}"
+    if cell:
+        opt_folder = f"{opt_folder}/{cell_name(cell)}"
     warmup = min(50, cfg.steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
     base = TrainConfig(model=preset_config(cfg.preset, moe=dict(router=RouterConfig(kind=router))), preset=cfg.preset,
                        data=DataConfig(path=cfg.data, tokenizer=cfg.tokenizer), optim=OptimConfig(),
@@ -149,7 +182,14 @@ def run_config(cfg: CompareConfig, router: str, seed: int, optimizer: str, scale
         grid.append(f"optim.lr={lr!r}")
     if scale is not None:
         grid.append(f"model.moe.router.scale_prime={scale!r}")
-    return apply_overrides(base, [*cfg.overrides, *grid])
+    if target is not None:
+        grid.append(f"model.moe.router.target={target}")
+    return apply_overrides(base, [*cfg.overrides, *(f"{k}={v}" for k, v in (cell or {}).items()), *grid])
+
+
+def grid_cells(cfg: CompareConfig) -> list[dict[str, str]]:
+    """Every combination of the `--vary` values, in the order given ([{}] without --vary)."""
+    return [dict(zip(cfg.vary, values)) for values in itertools.product(*cfg.vary.values())]
 
 
 def grid_runs(cfg: CompareConfig) -> list[GridRun]:
@@ -158,9 +198,12 @@ def grid_runs(cfg: CompareConfig) -> list[GridRun]:
     for optimizer in cfg.optimizers:
         for seed in cfg.seeds:
             for lr in cfg.lrs or [None]:
-                for router in cfg.routers:
-                    for scale in [None] if router in SCALE_FREE else cfg.scales:
-                        runs.append(GridRun(router, seed, optimizer, scale, lr, run_config(cfg, router, seed, optimizer, scale, lr)))
+                for cell in grid_cells(cfg):
+                    for router in cfg.routers:
+                        for scale in [None] if router in SCALE_FREE else cfg.scales:
+                            for target in [None] if router in TARGET_FREE else cfg.targets:
+                                config = run_config(cfg, router, seed, optimizer, scale, lr, target, cell)
+                                runs.append(GridRun(router, seed, optimizer, scale, lr, config, target, cell))
     return runs
 
 
@@ -201,6 +244,8 @@ def command_line(cfg: CompareConfig) -> str:
             _join(cfg.optimizers), "--scales", _join(cfg.scales), "--preset", cfg.preset, "--steps", str(cfg.steps),
             "--batch-size", str(cfg.batch_size), "--eval-every", str(cfg.eval_every),
             "--eval-batches", str(cfg.eval_batches), "--out", cfg.out_dir]
+    args += ["--targets", _join(cfg.targets)] if cfg.targets != ["gate"] else []
+    args += [a for key, values in cfg.vary.items() for a in ("--vary", f"{key}={_join(values)}")]
     args += ["--lr", _join(cfg.lrs)] if cfg.lrs else []
     args += ["--data", cfg.data] if cfg.data is not None else []
     args += ["--tokenizer", cfg.tokenizer] if cfg.tokenizer != "byte" else []
@@ -291,6 +336,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=_join(d.seeds), help="comma-separated seeds")
     p.add_argument("--optimizers", default=_join(d.optimizers), help="comma-separated optimizer names (optim.name)")
     p.add_argument("--scales", default=_join(d.scales), help="comma-separated MPI scales C'")
+    p.add_argument("--targets", default=_join(d.targets), help="comma-separated power targets (gate, up, gate_up) of mpi/power/mpi-inplace")
+    p.add_argument("--vary", action="append", metavar="KEY=V1,V2", help="another grid axis, e.g. model.moe.score_func=softmax,sigmoid; "
+                   "each combination is a report section with its own linear baseline")
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -318,8 +366,16 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
             raise ValueError(f"--{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
 
 
+    vary = {}
+    for item in args.vary or []:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--vary {item!r}: expected KEY=V1,V2,...")
+        if key.strip() in vary:
+            raise ValueError(f"--vary {key.strip()} is given twice")
+        vary[key.strip()] = split(values, str, "vary")
     return CompareConfig(routers=split(args.routers, str, "routers"), seeds=split(args.seeds, int, "seeds"), optimizers=split(args.optimizers, str, "optimizers"),
-                         scales=split(args.scales, float, "scales"), preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+                         scales=split(args.scales, float, "scales"), targets=split(args.targets, str, "targets"), vary=vary, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
                          data=args.data, tokenizer=args.tokenizer,
                          lrs=split(args.lr, float, "lr"), warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                          ckpt_every=args.ckpt_every, out_dir=args.out, overrides=args.set or [], progress=not args.no_progress)

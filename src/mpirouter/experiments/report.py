@@ -3,8 +3,8 @@
     mpirouter compare --out runs/compare --report-only      # calls write_report(out)
 
 A run folder is any folder holding config.json and metrics.jsonl (checkpoints/ is skipped). Runs are
-grouped into sections by (preset, optimizer, lr); within a section runs with the same seed are paired
-against `linear`. With several lrs for one (preset, optimizer), a sweep table compares every router at
+grouped into sections by (preset, optimizer, `--vary` cell, lr); within a section runs with the same seed
+are paired against `linear`. A row is a variant: router kind, C' and power target. With several lrs for one (preset, optimizer), a sweep table compares every router at
 its own best lr. Every "Δ vs linear" cell of a report (section and sweep rows) is one paired t-test, and
 all of them are Holm-adjusted together. Curves and the speed-up use one validation estimator at every
 point (`eval_curve`). The statistics themselves are in `stats.py`, provenance in `provenance.py`.
@@ -28,6 +28,8 @@ from .stats import holm, mean_curve, mean_std, paired_ci, paired_t_pvalue, ratio
 
 SCALE_FREE = ("linear", "power")
 """Router kinds that do not use C' (trained once per seed, whatever `scales` says)."""
+TARGET_FREE = ("linear", "retract")
+"""Router kinds that do not use a power target (trained once per seed, whatever `targets` says)."""
 REPORT, REPORT_JSON, GRID_FILE, SESSIONS = "report.md", "report.json", "grid.json", "sessions"
 ALPHA, MARK = 0.05, "†"
 """Family-wise level of the Holm adjustment, and the marker of Δ cells that survive it."""
@@ -35,13 +37,16 @@ PREFIX_EVAL_SINCE = "recorded from commit c3002f6 on"
 """Which runs carry the final eval's prefix estimate (`val_loss_prefix`); older capped runs cannot give a speed-up."""
 
 
-def variant_label(router: str, scale: float | None) -> str:
-    return router if scale is None else f"{router} C'={scale:g}"
+def variant_label(router: str, scale: float | None, target: str | None = None) -> str:
+    label = router if scale is None else f"{router} C'={scale:g}"
+    return label if target in (None, "gate") else f"{label} target={target}"
 
 
-def variant_order(router: str, scale: float | None) -> tuple:
-    """Sort key of report rows: router kinds in ROUTER_KINDS order (unknown ones last), then C'."""
-    return (ROUTER_KINDS.index(router) if router in ROUTER_KINDS else len(ROUTER_KINDS), router, scale or 0.0)
+def variant_order(router: str, scale: float | None, target: str | None = None) -> tuple:
+    """Sort key of report rows: router kinds in ROUTER_KINDS order (unknown ones last), then C', then the target."""
+    targets = ("gate", "up", "gate_up")
+    return (ROUTER_KINDS.index(router) if router in ROUTER_KINDS else len(ROUTER_KINDS), router, scale or 0.0,
+            targets.index(target) if target in targets else -1)
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,19 @@ class RunRecord:
     def scale(self) -> float | None:
         return None if self.router in SCALE_FREE else float(self.config["model"]["moe"]["router"]["scale_prime"])
 
+    @property
+    def target(self) -> str | None:
+        return None if self.router in TARGET_FREE else self.config["model"]["moe"]["router"].get("target", "gate")
+
+    @property
+    def variant(self) -> tuple:
+        """(router, C', target): one row of a section."""
+        return self.router, self.scale, self.target
+
+    def cell(self, keys: list[str]) -> tuple[tuple[str, str], ...]:
+        """This run's values of the `--vary` keys, e.g. (("score_func", "sigmoid"),)."""
+        return tuple((key.split(".")[-1], _config_value(self.config, key)) for key in keys)
+
     def events(self, name: str) -> list[dict]:
         return [r for r in self.records if r.get("event") == name]
 
@@ -131,6 +149,35 @@ class RunRecord:
 
     def curve(self, key: str = "val_loss") -> EvalCurve:
         return eval_curve(self.config, self.records, key)
+
+
+def _config_value(config: dict, key: str) -> str:
+    node = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return json.dumps(node) if not isinstance(node, str) else node
+
+
+def vary_keys(sessions: list[dict]) -> list[str]:
+    """The config fields that the folder's compare calls varied (`--vary`), in the order first given."""
+    keys: dict[str, None] = {}
+    for s in sessions:
+        keys.update(dict.fromkeys(s.get("config", {}).get("vary", {}) or {}))
+    return list(keys)
+
+
+def cell_order(sessions: list[dict], cell: tuple[tuple[str, str], ...]) -> tuple:
+    """Sort key of a cell: each value's position in the first --vary list that names it (unknown values last, by name)."""
+    given: dict[str, list[str]] = {}
+    for s in sessions:
+        for key, values in (s.get("config", {}).get("vary", {}) or {}).items():
+            known = given.setdefault(key.split(".")[-1], [])
+            known += [v for v in values if v not in known]
+    return tuple((given.get(k, []).index(v), "") if v in given.get(k, []) else (len(given.get(k, [])), v) for k, v in cell)
+
+
+def cell_text(cell: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cell)
 
 
 def discover_runs(out_dir: Path) -> list[RunRecord]:
@@ -185,8 +232,8 @@ def summarize_section(runs: list[RunRecord]) -> list[dict]:
     variants: dict[tuple, dict[int, RunRecord]] = {}
     for r in runs:
         if r.final is not None:
-            variants.setdefault((r.router, r.scale), {})[r.config["seed"]] = r
-    base = variants.get(("linear", None), {})
+            variants.setdefault(r.variant, {})[r.config["seed"]] = r
+    base = variants.get(("linear", None, None), {})
     base_final = {s: r.final["val_loss"] for s, r in base.items()}
     base_curves = {s: r.curve() for s, r in base.items()}
     base_step_ms = [r.timing["step_ms"] for r in base.values() if "step_ms" in r.timing]
@@ -194,11 +241,11 @@ def summarize_section(runs: list[RunRecord]) -> list[dict]:
     for key in sorted(variants, key=lambda key: variant_order(*key)):
         seeds = variants[key]
         finals = [r.final for r in seeds.values()]
-        compared = key != ("linear", None) and bool(base)
+        compared = key != ("linear", None, None) and bool(base)
         diffs = [seeds[s].final["val_loss"] - base_final[s] for s in sorted(set(seeds) & set(base_final))]
         timings = [r.timing for r in seeds.values() if "step_ms" in r.timing]
         row = {
-            "router": key[0], "scale": key[1], "label": variant_label(*key), "seeds": sorted(seeds),
+            "router": key[0], "scale": key[1], "target": key[2], "label": variant_label(*key), "seeds": sorted(seeds),
             "val_loss": mean_std([f["val_loss"] for f in finals]),
             "diff": paired_ci(diffs) if compared and diffs else None,
             "diff_n": len(diffs),
@@ -315,7 +362,7 @@ def _plots(section: list[RunRecord], rows: list[dict], out: Path, stem: str) -> 
     if plt is None:
         return []
     colors = {r["label"]: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(rows)}
-    groups = {r["label"]: [x for x in section if x.final is not None and variant_label(x.router, x.scale) == r["label"]] for r in rows}
+    groups = {r["label"]: [x for x in section if x.final is not None and variant_label(*x.variant) == r["label"]] for r in rows}
     dim = section[0].config["model"]["dim"]
     estimator = estimator_title([x.curve() for runs in groups.values() for x in runs]).replace("; ", ";\n")  # fits the title
     files = []
@@ -369,8 +416,8 @@ def summarize_sweep(by_lr: dict[float, list[RunRecord]]) -> list[dict]:
     for lr, runs in by_lr.items():
         for r in runs:
             if r.final is not None:
-                label = variant_label(r.router, r.scale)
-                keys[label] = variant_order(r.router, r.scale)
+                label = variant_label(*r.variant)
+                keys[label] = variant_order(*r.variant)
                 finals.setdefault(label, {}).setdefault(lr, {})[r.config["seed"]] = r.final["val_loss"]
     best = {label: min(per_lr, key=lambda lr: mean_std(list(per_lr[lr].values()))[0]) for label, per_lr in finals.items()}
     rows = []
@@ -450,6 +497,11 @@ def multiplicity_line(n: int, significant: list[str], untested: int) -> str:
     return text
 
 
+def _stem(preset: str, optim: str, cell: tuple) -> str:
+    """File-name stem of a section's plots, e.g. "debug-adamw-score_func_sigmoid-balance_bias"."""
+    return "-".join([preset, optim, *(f"{k}_{v}" for k, v in cell)])
+
+
 def write_report(out_dir: str | Path) -> Path:
     """Rebuild report.md, report.json and the plots from the run folders under `out_dir`; returns report.md."""
     out = Path(out_dir)
@@ -458,23 +510,27 @@ def write_report(out_dir: str | Path) -> Path:
         raise FileNotFoundError(f"no run folders (config.json + metrics.jsonl) under {out}")
     sessions = read_sessions(out)
     now = environment()
+    keys = vary_keys(sessions)
     groups: dict[tuple, dict[float, list[RunRecord]]] = {}
     for r in runs:
-        key = (r.config.get("preset", "?"), r.config["optim"]["name"])
+        key = (r.config.get("preset", "?"), r.config["optim"]["name"], r.cell(keys))
         groups.setdefault(key, {}).setdefault(r.config["optim"].get("lr"), []).append(r)
     # Every table is summarized before any is written: the Holm adjustment needs all of the report's p-values.
+    # presets and optimizers sort by name, cells as their values were given to --vary
     sweeps, sections, compared = [], [], []
-    for (preset, optim), by_lr in sorted(groups.items()):
+    for (preset, optim, cell), by_lr in sorted(groups.items(), key=lambda kv: (*kv[0][:2], cell_order(sessions, kv[0][2]))):
+        in_cell = f", {cell_text(cell)}" if cell else ""
         rows = summarize_sweep(by_lr) if len(by_lr) > 1 else []
         if rows:
-            sweeps.append({"preset": preset, "optimizer": optim, "rows": rows})
+            sweeps.append({"preset": preset, "optimizer": optim, "cell": cell, "rows": rows, "by_lr": by_lr})
             lin = next((r["best_lr"] for r in rows if r["label"] == "linear"), None)
-            compared += [(f"{r['label']} at lr {r['best_lr']:g} vs linear at lr {lin:g} (sweep `{preset}`/`{optim}`)", r)
+            compared += [(f"{r['label']} at lr {r['best_lr']:g} vs linear at lr {lin:g} (sweep `{preset}`/`{optim}`{in_cell})", r)
                          for r in rows if r["diff"] is not None]
         for lr, section in sorted(by_lr.items(), key=lambda kv: kv[0] or 0.0):
             rows = summarize_section(section)
-            where = f"`{preset}`/`{optim}`" + (f", lr {lr:g}" if len(by_lr) > 1 else "")
-            sections.append({"preset": preset, "optimizer": optim, "lr": lr, "rows": rows, "runs": section, "multi_lr": len(by_lr) > 1})
+            where = f"`{preset}`/`{optim}`{in_cell}" + (f", lr {lr:g}" if len(by_lr) > 1 else "")
+            sections.append({"preset": preset, "optimizer": optim, "cell": cell, "lr": lr, "rows": rows, "runs": section,
+                             "multi_lr": len(by_lr) > 1})
             compared += [(f"{r['label']} ({where})", r) for r in rows if r["diff"] is not None]
     n = adjust_comparisons([row for _, row in compared])
     significant = [name for name, row in compared if row["p_holm"] is not None and row["p_holm"] < ALPHA]
@@ -490,24 +546,24 @@ def write_report(out_dir: str | Path) -> Path:
     if unfinished:
         lines.append(f"- **incomplete runs (left out of the table):** " + ", ".join(f"`{r.run_dir.relative_to(out)}`" for r in unfinished))
     for sw in sweeps:
-        preset, optim, by_lr = sw["preset"], sw["optimizer"], groups[(sw["preset"], sw["optimizer"])]
+        preset, optim, by_lr, cell = sw["preset"], sw["optimizer"], sw.pop("by_lr"), sw["cell"]
         first = next(iter(by_lr.values()))[0]
         lrs = "lrs " + " / ".join(f"{lr:g}" for lr in sorted(by_lr))
-        lines += ["", f"## lr sweep: preset `{preset}`, optimizer `{optim}`", "",
+        lines += ["", f"## lr sweep: preset `{preset}`, optimizer `{optim}`" + (f", {cell_text(cell)}" if cell else ""), "",
                   _section_header(first.config, next(iter(first.events("start")), {}), lrs), "",
                   format_sweep(sw["rows"]), "", SWEEP_NOTES, ""]
-        lines += [f"![{f}]({f})" for f in _sweep_plot(sw["rows"], out, f"{preset}-{optim}")]
+        lines += [f"![{f}]({f})" for f in _sweep_plot(sw["rows"], out, _stem(preset, optim, cell))]
     for sec in sections:
-        preset, optim, lr, rows, section = sec["preset"], sec["optimizer"], sec["lr"], sec["rows"], sec.pop("runs")
+        preset, optim, lr, rows, section, cell = sec["preset"], sec["optimizer"], sec["lr"], sec["rows"], sec.pop("runs"), sec["cell"]
         start = next(iter(section[0].events("start")), {})
-        lines += ["", f"## preset `{preset}`, optimizer `{optim}`" + (f", lr {lr:g}" if sec["multi_lr"] else ""), "",
-                  _section_header(section[0].config, start), ""]
+        lines += ["", f"## preset `{preset}`, optimizer `{optim}`" + (f", {cell_text(cell)}" if cell else "")
+                  + (f", lr {lr:g}" if sec["multi_lr"] else ""), "", _section_header(section[0].config, start), ""]
         if not rows:
             lines.append("No finished runs yet.")
             continue
         curves = [r.curve() for r in section if r.final is not None]
         lines += [f"Curves and speed-up: validation {estimator_title(curves)}.", "", format_rows(rows), ""]
-        stem = f"{preset}-{optim}" + (f"-lr{lr:g}" if sec["multi_lr"] else "")
+        stem = _stem(preset, optim, cell) + (f"-lr{lr:g}" if sec["multi_lr"] else "")
         lines += [f"![{f}]({f})" for f in _plots(section, rows, out, stem)]
     lines += ["", "Columns:", "", NOTES, ""]
     summary = {"sessions": sessions, "report_env": now,
