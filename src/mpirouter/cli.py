@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add = lambda name, fn, help: sub.add_parser(name, help=help, description=fn.__doc__, formatter_class=_HelpFormatter,  # noqa: E731
                                                 allow_abbrev=False)
-    data_help = "text file, directory or .jsonl (default: embedded Shakespeare)"
+    data_help = "text file, directory or .jsonl, or a packaged corpus: shakespeare (default), kjv (mpirouter[corpora])"
     tok_help = "byte | bpe | path/to/tokenizer.json"
 
     t = add("train", cmd_train, "train an MoE LM")

