@@ -1,4 +1,4 @@
-"""The `mpirouter` command line: train, sample, export, inspect, bench, demo, compare.
+"""The `mpirouter` command line: train, sample, export, inspect, bench, demo, compare, trajectory.
 
     mpirouter train --preset tiny --router mpi --steps 500 --out runs/tiny-mpi
     mpirouter sample runs/tiny-mpi --prompt "ROMEO." --tokens 200
@@ -301,6 +301,16 @@ def cmd_compare(args) -> int:
     return cli_main(args)
 
 
+def cmd_trajectory(args) -> int:
+    """mpirouter trajectory results/alignment-source --out results/alignment-source
+
+    Per kept checkpoint: alignment of R and of φ, and how far R and each expert's top singular direction moved.
+    """
+    from .experiments.trajectory import cli_main
+
+    return cli_main(args)
+
+
 def cmd_prepare_data(args) -> int:
     """mpirouter prepare-data --out data/shakespeare-bpe --tokenizer bpe
 
@@ -428,9 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .experiments.compare import add_arguments as compare_arguments
 
-    c = add("compare", cmd_compare, "matched grid: routers x seeds (x optimizers x C' x lr), report.md + plots")
+    c = add("compare", cmd_compare, "matched grid: routers x seeds (x optimizers x C' x targets x lr x --vary), report.md + plots")
     compare_arguments(c)
     c.set_defaults(func=cmd_compare)
+
+    from .experiments.trajectory import add_arguments as trajectory_arguments
+
+    tr = add("trajectory", cmd_trajectory, "where alignment comes from: R and the experts' top directions over checkpoints")
+    trajectory_arguments(tr)
+    tr.set_defaults(func=cmd_trajectory)
 
     from .trainer.data import DataConfig
 
