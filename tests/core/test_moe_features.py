@@ -82,6 +82,12 @@ def test_sigmoid_balance_probabilities_are_the_scores_normalized_to_sum_one():
     torch.testing.assert_close(loss, E * (f_BE * r.probs_TE.view(4, 8, E).mean(1)).sum(-1).mean())
 
 
+def test_sigmoid_scores_that_all_underflow_stay_finite():
+    r = route(torch.full((3, E), -200.0), K, score_func="sigmoid")
+    assert torch.isfinite(r.probs_TE).all() and torch.isfinite(r.weights_TK).all()
+    assert torch.isfinite(load_balance_loss(r.probs_TE.view(1, 3, E), r.experts_TK.view(1, 3, K), coef=1.0))
+
+
 def test_softmax_without_bias_is_the_old_routing_bit_for_bit():
     logits = torch.randn(50, E)
     r = route(logits, K)

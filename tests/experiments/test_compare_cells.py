@@ -71,8 +71,10 @@ BAD = [
     ("vary-and-set", dict(vary={"model.moe.top_k": ["1", "2"]}, overrides=["model.moe.top_k=2"]), "both varied"),
     ("empty-values", dict(vary={"model.moe.top_k": []}), "distinct non-empty"),
     ("duplicate-values", dict(vary={"model.moe.top_k": ["1", "1"]}), "distinct non-empty"),
-    ("slash-in-value", dict(vary={"data.path": ["a/b"]}), "without '/'"),
+    ("slash-in-value", dict(vary={"model.moe.dispatch": ["a/b"]}), "without '/'"),
     ("unknown-target", dict(targets=["down"]), "unknown power target"),
+    ("vary-the-corpus", dict(vary={"data.path": ["kjv", "shakespeare"]}), "one corpus"),
+    ("vary-the-preset", dict(vary={"preset": ["debug", "tiny"]}), "one model preset"),
 ]
 
 

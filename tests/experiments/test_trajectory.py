@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mpirouter.experiments.compare import CompareConfig, run_grid
-from mpirouter.experiments.trajectory import Snapshot, abs_cos, angle_deg, run_snapshots, trajectory_series, write_trajectory
+from mpirouter.experiments.trajectory import (Snapshot, abs_cos, angle_deg, find_runs, run_snapshots, trajectory_series,
+                                              write_trajectory)
 from mpirouter.trainer.checkpoint import load_model
 from mpirouter.trainer.data import DataConfig, prepare_data
 
@@ -69,12 +70,12 @@ def test_every_kept_checkpoint_and_the_rebuilt_start_are_read(grid):
 def test_report_per_router_and_the_mpi_rows_lead_their_raw_rows(grid, tmp_path):
     md = write_trajectory([str(grid)], tmp_path / "t", "mpirouter trajectory GRID --out T")
     summary = json.loads((tmp_path / "t" / "trajectory.json").read_text())["summary"]
-    assert sorted(summary) == ["linear", "mpi", "mpi-inplace"] and all(s["seeds"] == [0] for s in summary.values())
+    assert sorted(summary) == ["linear", "mpi C'=1", "mpi-inplace C'=1"] and all(s["seeds"] == [0] for s in summary.values())
     last = lambda router, key: summary[router][key][-1][0]  # noqa: E731
-    assert last("mpi", "align_phi") > last("mpi", "align_R") and last("mpi", "align_phi") > last("linear", "align_phi")
+    assert last("mpi C'=1", "align_phi") > last("mpi C'=1", "align_R") and last("mpi C'=1", "align_phi") > last("linear", "align_phi")
     assert last("linear", "align_phi") == pytest.approx(last("linear", "align_R"))  # φ = R for a linear router
     text = md.read_text()
-    assert "| mpi-inplace (n=1) | 8 |" in text and (tmp_path / "t" / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| mpi-inplace C'=1 (n=1) | 8 |" in text and (tmp_path / "t" / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_run_without_checkpoints_is_one_clear_line(tmp_path):
@@ -83,3 +84,29 @@ def test_a_run_without_checkpoints_is_one_clear_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mpirouter", "trajectory", str(tmp_path / "run"), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "has no checkpoints" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def fake_grid(out, cells):
+    """Run folders with configs only (what `find_runs` reads), two seeds per cell, and the session naming the axis."""
+    (out / "sessions").mkdir(parents=True)
+    (out / "sessions" / "s.json").write_text(json.dumps({"config": {"vary": {"model.moe.score_func": cells}}}))
+    for cell in cells:
+        for seed in (0, 1):
+            run = out / cell / f"seed{seed}"
+            run.mkdir(parents=True)
+            config = {"preset": "debug", "seed": seed, "optim": {"name": "adamw", "lr": 0.01},
+                      "model": {"moe": {"score_func": cell, "router": {"kind": "mpi", "scale_prime": 1.0, "target": "gate"}}}}
+            (run / "config.json").write_text(json.dumps(config))
+            (run / "metrics.jsonl").write_text("")
+            (run / "checkpoints" / "step_0000002").mkdir(parents=True)  # named only: find_runs reads no weights
+
+
+def test_runs_of_different_cells_are_never_pooled_as_seeds(tmp_path):
+    fake_grid(tmp_path / "g", ["softmax", "sigmoid"])
+    groups = {}
+    for run, group in find_runs([str(tmp_path / "g")]):
+        groups.setdefault(group, []).append(run.name)
+    assert groups == {"mpi C'=1 [debug/adamw, lr 0.01, score_func=softmax]": ["seed0", "seed1"],
+                      "mpi C'=1 [debug/adamw, lr 0.01, score_func=sigmoid]": ["seed0", "seed1"]}
+    with pytest.raises(ValueError, match="differ in a setting other than the seed"):
+        find_runs([str(tmp_path / "g" / "softmax" / "seed0"), str(tmp_path / "g" / "sigmoid" / "seed0")])

@@ -54,7 +54,7 @@ def main() -> None:
     idx = torch.randint(0, 256, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     layouts = (("ddp", "ddp", 1), ("fsdp", "fsdp", 1), ("fsdp-ep2", "fsdp", 2))
     results = {name: grads(s, ep, idx, {}) for name, s, ep in layouts}
-    results |= {f"{name}+features": grads(s, ep, idx, FEATURES) for name, s, ep in layouts if name != "fsdp"}
+    results |= {f"{name}+features": grads(s, ep, idx, FEATURES) for name, s, ep in layouts}
     solo = dist.new_group([0])  # every rank must create it; the one-process bias update all-reduces over rank 0 alone
     if dist.get_rank() == 0:
         for name, moe in (("one", {}), ("one+features", FEATURES)):

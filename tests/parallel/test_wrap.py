@@ -15,7 +15,7 @@ def grads(torchrun, tmp_path_factory) -> dict:
     return torch.load(out / "grads.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-ep2", "ddp+features", "fsdp-ep2+features"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-ep2", "ddp+features", "fsdp+features", "fsdp-ep2+features"])
 def test_gradients_match_one_process_over_the_global_batch(grads, strategy):
     """Relative error of every parameter's gradient (the global aux loss included): ~1e-6 expected, 1e-5 allowed.
     "+features" (sigmoid scores, aux loss + expert bias, a shared expert) also compares each layer's expert bias

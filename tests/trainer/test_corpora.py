@@ -49,6 +49,14 @@ def test_a_name_that_is_also_a_file_here_is_refused(tmp_path, monkeypatch):
     assert load_corpus("./kjv").text == "my own text"
 
 
+def test_a_prepared_folder_named_like_a_corpus_is_refused_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("kjv").mkdir()
+    (Path("kjv") / "meta.json").write_text("{}")  # what marks a prepared folder
+    with pytest.raises(ValueError, match=r"pass ./kjv for the file"):
+        prepare_data(DataConfig(path="kjv"), seq_len=32)
+
+
 def test_a_missing_package_is_one_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bible" else real(name, *a))

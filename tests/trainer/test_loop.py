@@ -81,6 +81,17 @@ def test_resume_continues_exactly_as_if_never_stopped(tmp_path, data, moe):
         assert all(m.expert_bias.abs().sum() > 0 for m in m_res.moe_layers())
 
 
+def test_a_run_saved_before_the_newer_moe_fields_existed_still_resumes(tmp_path, data):
+    cfg = cfg_for(tmp_path, steps=8, ckpt_every=4)
+    train(cfg, data=data, stop_at=4)
+    for path in [Path(cfg.out_dir) / "config.json", *Path(cfg.out_dir).glob("checkpoints/step_*/config.json")]:
+        saved = json.loads(path.read_text())
+        for key in ("score_func", "balance", "bias_update_rate", "n_shared"):  # what the config held before they were added
+            del saved["model"]["moe"][key]
+        path.write_text(json.dumps(saved))
+    assert train(cfg, data=data, resume=True).step == 8
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
     cfg = cfg_for(tmp_path, steps=12, ckpt_every=4)
     real_forward = MoELM.forward

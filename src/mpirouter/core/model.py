@@ -38,7 +38,7 @@ class ModelConfig:
     n_dense_layers: int = 0
     """The first k blocks use a dense SwiGLU FFN instead of MoE."""
     dense_hidden: int | None = None
-    """Hidden size of dense FFNs (default: top_k * expert hidden, the MoE's active size)."""
+    """Hidden size of dense FFNs (default: (top_k + n_shared) * expert hidden, the MoE's active size)."""
     tie_embeddings: bool = False
     """Share the token embedding with the output head."""
     rope_theta: float = 10000.0
@@ -161,7 +161,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        hidden = cfg.dense_hidden or cfg.moe.top_k * cfg.moe.hidden
+        hidden = cfg.dense_hidden or (cfg.moe.top_k + cfg.moe.n_shared) * cfg.moe.hidden
         self.ffn = DenseFFN(cfg.dim, hidden) if dense else MoE(cfg.dim, cfg.moe)
 
     def forward(self, x, cos, sin, rows_ED: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:

@@ -166,7 +166,7 @@ def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True, score_f
         # sigmoid weights can all underflow to 0: DeepSeek-V3's 1e-20 keeps the division finite
         denom_T1 = weights_TK.sum(-1, keepdim=True)
         weights_TK = weights_TK / (denom_T1 if score_func == "softmax" else denom_T1 + 1e-20)
-    probs_TE = scores_TE if score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+    probs_TE = scores_TE if score_func == "softmax" else scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
     return Routing(probs_TE, weights_TK, experts_TK)
 
 

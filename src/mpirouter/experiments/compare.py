@@ -42,7 +42,7 @@ from ..core.routers import POWER_TARGETS, ROUTER_KINDS, RouterConfig
 from ..optim import OptimConfig
 from ..parallel.env import agree, init_distributed, rank_device
 from ..trainer.checkpoint import resolve_checkpoint
-from ..trainer.config import TrainConfig
+from ..trainer.config import TrainConfig, with_defaults
 from ..trainer.data import DataConfig, prepare_data
 from ..trainer.device import resolve_device
 from ..trainer.loop import train
@@ -120,6 +120,9 @@ class CompareConfig:
         for key, values in self.vary.items():
             if key in GRID_KEYS:
                 raise ValueError(f"compare: --vary {key} is a grid key; use --routers/--seeds/--optimizers/--scales/--targets/--lr")
+            if key in ("preset", "context", "seq_len") or key.startswith("data."):
+                raise ValueError(f"compare: --vary {key} is not supported (the grid shares one model preset and one corpus); "
+                                 f"run one compare per value into separate --out folders")
             if any(item.split("=", 1)[0].strip() == key for item in self.overrides):
                 raise ValueError(f"compare: {key} is both varied (--vary) and set (--set); keep one")
             if not values or len(set(values)) != len(values) or any(not v or "/" in v or "," in v for v in values):
@@ -224,7 +227,7 @@ def check_config(run: GridRun) -> None:
     path = run.run_dir / "config.json"
     if not path.is_file():
         return
-    saved, wanted = flatten(json.loads(path.read_text())), flatten(to_dict(run.config))
+    saved, wanted = flatten(with_defaults(json.loads(path.read_text()))), flatten(to_dict(run.config))
     # how a run is spread over processes may change (as for `train --resume`), its global batch may not
     start = next((r for r in read_metrics(run.run_dir) if r.get("event") == "start"), {})
     saved_global = saved.get("batch_size", 0) * start.get("world_size", 1)
@@ -284,6 +287,7 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
         session_path.parent.mkdir(exist_ok=True)
         atomic_write_text(session_path, json.dumps(session, indent=2))
     trained, times = 0, []
+    prepared: dict[tuple, object] = {}
     for i, run in enumerate(runs, 1):
         status, step = agree(ctx, run_status(run.run_dir, run.config.steps) if main else None)
         head = f"run {i}/{len(runs)}: {run.label}"
@@ -293,15 +297,16 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
         if limit is not None and trained >= limit:
             print(f"{head}: not started (limit of {limit} trainings this call); rerun to continue", flush=True)
             break
-        if data is None:
-            data = prepare_data(run.config.data, run.config.context)  # tokenized once, shared by every run
+        key = (json.dumps(to_dict(run.config.data), sort_keys=True), run.config.context)
+        if key not in prepared:  # tokenized once per corpus and tokenizer, shared by the runs that use them
+            prepared[key] = data if data is not None and not prepared else prepare_data(run.config.data, run.config.context)
         left = sum(1 for r in runs[i - 1:] if run_status(r.run_dir, r.config.steps)[0] != "done")
         eta = f", ~{_duration(left * sum(times) / len(times))} left" if times else ""
         print(f"{head}: {'resuming from step ' + str(step) if status == 'partial' else 'training'}{eta}", flush=True)
         t0 = time.perf_counter()
         try:
             # a "new" run whose folder exists was stopped before its first checkpoint: start it again, its start moved aside
-            result = train(run.config, data=data, resume=status == "partial", force=status == "new")
+            result = train(run.config, data=prepared[key], resume=status == "partial", force=status == "new")
         except RunLockedError:
             print(f"{head}: being trained by another process, skipped", flush=True)
             continue

@@ -36,7 +36,7 @@ from ..trainer.checkpoint import load_model_tensors, load_checkpoint, step_folde
 from ..trainer.config import TrainConfig
 from ..trainer.loop import build_model
 from .plots import pyplot
-from .report import discover_runs
+from .report import RunRecord, cell_text, discover_runs, read_sessions, variant_label, vary_keys
 from .stats import mean_std
 
 OUTPUTS = ("trajectory.md", "trajectory.json", "trajectory.png")
@@ -121,20 +121,42 @@ def run_snapshots(run_dir: Path) -> tuple[TrainConfig, list[Snapshot]]:
     return cfg, snaps
 
 
-def find_runs(paths: list[str]) -> list[Path]:
-    """Run folders: each path itself when it holds config.json, else every run folder under it."""
-    runs: list[Path] = []
+def find_runs(paths: list[str]) -> list[tuple[Path, str]]:
+    """(run folder, group) for each path holding config.json, else for every run folder under it. A group is
+    one row of the summary: the router variant, plus preset, optimizer, lr and `--vary` cell where runs differ
+    in them (runs of one group differ only in their seed)."""
+    found: list[tuple[RunRecord, tuple]] = []
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"no such run or folder: {p}")
-        runs += [p] if (p / "config.json").is_file() else [r.run_dir for r in discover_runs(p)]
-    if not runs:
+        if (p / "config.json").is_file():
+            if not step_folders(p / "checkpoints"):
+                raise FileNotFoundError(f"{p} has no checkpoints; train with --set ckpt_keep=100 to keep them")
+            found.append((RunRecord(p, json.loads((p / "config.json").read_text()), []), ()))
+        else:
+            keys = vary_keys(read_sessions(p))
+            found += [(r, r.cell(keys)) for r in discover_runs(p)]
+    if not found:
         raise FileNotFoundError(f"no run folders under {', '.join(paths)}")
-    return runs
+    contexts = {r.run_dir: (r.config.get("preset", "?"), r.config["optim"]["name"], r.config["optim"].get("lr"), cell)
+                for r, cell in found}
+    differ = len(set(contexts.values())) > 1
+    out = []
+    for r, cell in found:
+        preset, optim, lr, _ = contexts[r.run_dir]
+        parts = [f"{preset}/{optim}", *([f"lr {lr:g}"] if lr is not None else []), *([cell_text(cell)] if cell else [])]
+        out.append((r.run_dir, variant_label(*r.variant) + (f" [{', '.join(parts)}]" if differ else "")))
+    seen: dict[tuple, Path] = {}
+    for (run_dir, group), (r, _) in zip(out, found):
+        other = seen.setdefault((group, r.config.get("seed")), run_dir)
+        if other != run_dir:
+            raise ValueError(f"{other} and {run_dir} are both {group} seed {r.config.get('seed')}: they differ in a setting "
+                             f"other than the seed; measure them in separate calls")
+    return out
 
 
 def summarize(per_run: list[dict]) -> dict[str, dict]:
-    """Per router: mean and std over seeds of every series at every step the router's runs share."""
+    """Per group (`find_runs`): mean and std over seeds of every series at every step the group's runs share."""
     by_router: dict[str, list[dict]] = {}
     for r in per_run:
         by_router.setdefault(r["router"], []).append(r)
@@ -194,9 +216,9 @@ def write_trajectory(paths: list[str], out: str | Path, command: str) -> Path:
     """Measure every run under `paths` and write the three outputs into `out`; returns trajectory.md."""
     out = Path(out)
     per_run = []
-    for run_dir in find_runs(paths):
+    for run_dir, group in find_runs(paths):
         cfg, snaps = run_snapshots(run_dir)
-        per_run.append({"run": str(run_dir), "router": cfg.model.moe.router.kind, "seed": cfg.seed, "series": trajectory_series(snaps)})
+        per_run.append({"run": str(run_dir), "router": group, "seed": cfg.seed, "series": trajectory_series(snaps)})
     summary = summarize(per_run)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()

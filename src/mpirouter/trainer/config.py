@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from ..common.config import check_number, flatten, to_dict
+from ..common.config import check_number, flatten, from_dict, to_dict
 from ..core.model import ModelConfig, preset_config
 from ..optim import OptimConfig, resolve_lrs
 from ..parallel.config import DistConfig
@@ -134,13 +134,22 @@ optimizer or the periodic evals' estimator (eval_batches) and must match the che
 per-process batch_size may change with the number of processes if the global batch stays."""
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved config.json with the fields it predates filled in with their defaults (which keep the behaviour
+    of the code that wrote it: new fields default to off), so runs from older versions still resume."""
+    try:
+        return to_dict(from_dict(TrainConfig, saved))
+    except (TypeError, ValueError):  # not a config this version can read: compared as it is
+        return saved
+
+
 def check_resume_config(saved: dict, cfg: TrainConfig, saved_world: int = 1, world: int = 1) -> None:
     """ValueError naming every field that differs from the checkpoint's config and may not change on resume.
 
     `saved_world`/`world`: processes of the checkpointed job and of this one; the global batch
     (processes x batch_size) must match, the per-process batch_size may differ.
     """
-    old, new = flatten(saved), flatten(to_dict(cfg))
+    old, new = flatten(with_defaults(saved)), flatten(to_dict(cfg))
     if saved_world != world:
         old_global, new_global = old.get("batch_size", 0) * saved_world, cfg.batch_size * world
         if old_global != new_global:

@@ -161,6 +161,11 @@ def _read_file(path: Path, jsonl_field: str) -> list[str]:
     return [_read_utf8(path)]
 
 
+def _refuse_ambiguous_name(path: str | None) -> None:
+    if path in NAMED_CORPORA and Path(path).exists():
+        raise ValueError(f"--data {path} names a packaged corpus and a file or folder here; pass ./{path} for the file")
+
+
 def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
     """Load a corpus: embedded Shakespeare (``None``), a packaged corpus by name (`corpora.NAMED_CORPORA`:
     shakespeare, kjv), a file, or a directory.
@@ -174,8 +179,7 @@ def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
     if path is None:
         return embedded_corpus()
     if path in NAMED_CORPORA:
-        if Path(path).exists():
-            raise ValueError(f"--data {path} names a packaged corpus and a file or folder here; pass ./{path} for the file")
+        _refuse_ambiguous_name(path)
         return NAMED_CORPORA[path]()
     p = Path(path).expanduser()
     if not p.exists():
@@ -281,6 +285,7 @@ def prepare_data(cfg: DataConfig, seq_len: int) -> TokenData:
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    _refuse_ambiguous_name(cfg.path)
     if cfg.path is not None and is_prepared(cfg.path):
         data = load_prepared(cfg)
     else:
@@ -322,6 +327,7 @@ def prepare_shards(cfg: DataConfig, out: str | os.PathLike) -> ShardsMeta:
     tokenizer settings yields the same ids, memory-mapped. ``out`` must be new or an empty folder.
     """
     check_new_folder(out)  # before minutes of tokenizing, not after
+    _refuse_ambiguous_name(cfg.path)
     if cfg.path is not None and is_prepared(cfg.path):
         raise ValueError(f"{cfg.path} is already prepared data; pass the corpus it was prepared from")
     corpus = load_corpus(cfg.path, cfg.jsonl_field)
