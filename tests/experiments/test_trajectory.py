@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mpirouter.experiments.compare import CompareConfig, run_grid
-from mpirouter.experiments.trajectory import (Snapshot, abs_cos, angle_deg, find_runs, run_snapshots, trajectory_series,
-                                              write_trajectory)
+from mpirouter.experiments.trajectory import (Snapshot, abs_cos, alignment_parts, angle_deg, find_runs, run_snapshots,
+                                              trajectory_series, write_trajectory)
 from mpirouter.trainer.checkpoint import load_model
 from mpirouter.trainer.data import DataConfig, prepare_data
 
@@ -43,6 +43,16 @@ def test_series_say_which_side_moved(mover):
     assert math.isnan(s["step_R"][0]) and s[f"step_{mover}"][1:] == pytest.approx([45.0, 45.0])
     reached = "R_to_v0" if mover == "R" else "v_to_R0"
     assert s[reached][-1] == pytest.approx(1.0)
+    # the whole gain in alignment (0 -> 1) is credited to the side that moved
+    assert s[f"from_{mover}"] == pytest.approx([0.0, 2 ** -0.5, 1.0])
+    assert s["from_v" if mover == "R" else "from_R"] == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_alignment_parts_add_up_to_the_change_when_both_move():
+    g = torch.Generator().manual_seed(0)
+    r0, v0, r1, v1 = (torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    dr, dv = alignment_parts(r0, v0, r1, v1)
+    torch.testing.assert_close(dr + dv, abs_cos(r1, v1) - abs_cos(r0, v0))
 
 
 @pytest.fixture(scope="module")

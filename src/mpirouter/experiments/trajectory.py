@@ -11,7 +11,10 @@ vector of the expert's power target (G_i by default) and R_i the raw router row:
 - drift since the start: angle(R_t, R_0) and angle(v_t, v_0), and per checkpoint interval: angle(R_t, R_t−1)
   and angle(v_t, v_t−1), all sign-free (v has no sign), in degrees;
 - the two ways alignment could arise: |cos(R_t, v_0)| (R reaching where the top direction started) and
-  |cos(v_t, R_0)| (the top direction reaching where R started).
+  |cos(v_t, R_0)| (the top direction reaching where R started);
+- the change of |cos(R, v)| since step 0 split exactly into the part R's moves made and the part v's moves
+  made: per checkpoint interval, the mean over both orders of moving one then the other (`alignment_parts`),
+  summed over the intervals so far.
 
 Means over layers and experts per run, then mean ± std over seeds per router. Writes trajectory.md,
 trajectory.json and trajectory.png into --out (rebuilt outputs: those three names are replaced, nothing else).
@@ -40,7 +43,7 @@ from .report import RunRecord, cell_text, discover_runs, read_sessions, variant_
 from .stats import mean_std
 
 OUTPUTS = ("trajectory.md", "trajectory.json", "trajectory.png")
-SERIES = ("align_R", "align_phi", "drift_R", "drift_v", "step_R", "step_v", "R_to_v0", "v_to_R0")
+SERIES = ("align_R", "align_phi", "drift_R", "drift_v", "step_R", "step_v", "R_to_v0", "v_to_R0", "from_R", "from_v")
 """Per-checkpoint means, in the order of the module docstring."""
 
 
@@ -60,6 +63,18 @@ def angle_deg(a_ED: torch.Tensor, b_ED: torch.Tensor) -> torch.Tensor:
     b_ED = b_ED.detach().double() / b_ED.detach().double().norm(dim=-1, keepdim=True).clamp_min(1e-300)
     s_E1 = torch.where((a_ED * b_ED).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(a_ED)
     return torch.rad2deg(2 * torch.atan2((a_ED - s_E1 * b_ED).norm(dim=-1), (a_ED + s_E1 * b_ED).norm(dim=-1)))
+
+
+def alignment_parts(r0_ED: torch.Tensor, v0_ED: torch.Tensor, r1_ED: torch.Tensor, v1_ED: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of a(r1, v1) − a(r0, v0), a = |cos|, comes from r moving and how much from v moving, shape (E,) each.
+
+    Each part is the mean over the two orders (move r first, or v first) of that move's change, so the parts
+    add up to the whole change exactly, and a move that changes nothing gets 0 in both orders.
+    """
+    a = abs_cos
+    from_r = 0.5 * ((a(r1_ED, v0_ED) - a(r0_ED, v0_ED)) + (a(r1_ED, v1_ED) - a(r0_ED, v1_ED)))
+    from_v = 0.5 * ((a(r0_ED, v1_ED) - a(r0_ED, v0_ED)) + (a(r1_ED, v1_ED) - a(r1_ED, v0_ED)))
+    return from_r, from_v
 
 
 @dataclass
@@ -88,14 +103,19 @@ def trajectory_series(snaps: list[Snapshot]) -> dict[str, list[float]]:
     first = snaps[0]
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (layers·E, D)
     out: dict[str, list[float]] = {"step": [s.step for s in snaps], **{k: [] for k in SERIES}}
+    from_r = from_v = torch.zeros(flat(first.r_LED).shape[0], dtype=torch.float64)
     for i, s in enumerate(snaps):
         prev = snaps[i - 1] if i else None
+        if prev is not None:
+            dr, dv = alignment_parts(flat(prev.r_LED), flat(prev.v_LED), flat(s.r_LED), flat(s.v_LED))
+            from_r, from_v = from_r + dr, from_v + dv
         values = {
             "align_R": abs_cos(flat(s.r_LED), flat(s.v_LED)), "align_phi": abs_cos(flat(s.phi_LED), flat(s.v_LED)),
             "drift_R": angle_deg(flat(s.r_LED), flat(first.r_LED)), "drift_v": angle_deg(flat(s.v_LED), flat(first.v_LED)),
             "step_R": angle_deg(flat(s.r_LED), flat(prev.r_LED)) if prev else None,
             "step_v": angle_deg(flat(s.v_LED), flat(prev.v_LED)) if prev else None,
             "R_to_v0": abs_cos(flat(s.r_LED), flat(first.v_LED)), "v_to_R0": abs_cos(flat(s.v_LED), flat(first.r_LED)),
+            "from_R": from_r, "from_v": from_v,
         }
         for k in SERIES:
             out[k].append(math.nan if values[k] is None else values[k].mean().item())
@@ -173,8 +193,9 @@ def summarize(per_run: list[dict]) -> dict[str, dict]:
 
 def format_table(summary: dict[str, dict], every: int = 4) -> str:
     """Markdown: one row per router and kept step (every `every`-th, and the last), mean ± std over seeds."""
-    cols = ["router", "step", "align R", "align φ", "angle(R, R₀)°", "angle(v, v₀)°", "|cos(R, v₀)|", "|cos(v, R₀)|"]
-    keys = ["align_R", "align_phi", "drift_R", "drift_v", "R_to_v0", "v_to_R0"]
+    cols = ["router", "step", "align R", "align φ", "Δ align R from R's moves", "from v's moves", "angle(R, R₀)°", "angle(v, v₀)°",
+            "|cos(R, v₀)|", "|cos(v, R₀)|"]
+    keys = ["align_R", "align_phi", "from_R", "from_v", "drift_R", "drift_v", "R_to_v0", "v_to_R0"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for router, s in summary.items():
         picks = sorted(set(range(0, len(s["step"]), every)) | {len(s["step"]) - 1})
@@ -191,7 +212,8 @@ def plot(summary: dict[str, dict], path: Path) -> bool:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [("alignment with the current top direction v (φ solid, R dashed)", [("align_phi", "-"), ("align_R", "--")], "|cos|"),
               ("drift since step 0 (R solid, v dashed)", [("drift_R", "-"), ("drift_v", "--")], "degrees"),
-              ("drift per checkpoint interval (R solid, v dashed)", [("step_R", "-"), ("step_v", "--")], "degrees"),
+              ("change of |cos(R, v)| since step 0 made by R's moves (solid) and by v's moves (dashed)",
+               [("from_R", "-"), ("from_v", "--")], "Δ|cos|"),
               ("|cos(R, v₀)| solid: R reaches v's start; |cos(v, R₀)| dashed: v reaches R's start", [("R_to_v0", "-"), ("v_to_R0", "--")], "|cos|")]
     colors = {router: plt.get_cmap("tab10")(i) for i, router in enumerate(summary)}
     for ax, (title, series, ylabel) in zip(axes.flat, panels):
