@@ -11,7 +11,7 @@ import torch
 
 from mpirouter.experiments.compare import CompareConfig, run_grid
 from mpirouter.experiments.trajectory import (Snapshot, abs_cos, alignment_parts, angle_deg, find_runs, run_snapshots,
-                                              trajectory_series, write_trajectory)
+                                              table_steps, trajectory_series, write_trajectory)
 from mpirouter.trainer.checkpoint import load_model
 from mpirouter.trainer.data import DataConfig, prepare_data
 
@@ -46,6 +46,11 @@ def test_series_say_which_side_moved(mover):
     # the whole gain in alignment (0 -> 1) is credited to the side that moved
     assert s[f"from_{mover}"] == pytest.approx([0.0, 2 ** -0.5, 1.0])
     assert s["from_v" if mover == "R" else "from_R"] == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_table_shows_doubling_steps_and_the_last():
+    assert [[0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50][i] for i in table_steps([0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50])] == [0, 5, 10, 20, 40, 50]
+    assert table_steps([0]) == [0] and table_steps([0, 2]) == [0, 1]
 
 
 def test_alignment_parts_add_up_to_the_change_when_both_move():

@@ -191,15 +191,24 @@ def summarize(per_run: list[dict]) -> dict[str, dict]:
     return out
 
 
-def format_table(summary: dict[str, dict], every: int = 4) -> str:
-    """Markdown: one row per router and kept step (every `every`-th, and the last), mean ± std over seeds."""
+def table_steps(steps: list[int]) -> list[int]:
+    """Indices of the steps a table shows: the first, then doubling step counts from the first kept checkpoint
+    (s₁, 2s₁, 4s₁, ...: early moves are fast, late ones slow), and the last."""
+    picks, target = {0, len(steps) - 1}, steps[1] if len(steps) > 1 else 0
+    while len(steps) > 1 and target <= steps[-1]:
+        picks.add(next(i for i, st in enumerate(steps) if st >= target))
+        target *= 2
+    return sorted(picks)
+
+
+def format_table(summary: dict[str, dict]) -> str:
+    """Markdown: one row per group and shown step (`table_steps`), mean ± std over seeds."""
     cols = ["router", "step", "align R", "align φ", "Δ align R from R's moves", "from v's moves", "angle(R, R₀)°", "angle(v, v₀)°",
             "|cos(R, v₀)|", "|cos(v, R₀)|"]
     keys = ["align_R", "align_phi", "from_R", "from_v", "drift_R", "drift_v", "R_to_v0", "v_to_R0"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for router, s in summary.items():
-        picks = sorted(set(range(0, len(s["step"]), every)) | {len(s["step"]) - 1})
-        for i in picks:
+        for i in table_steps(s["step"]):
             cells = [f"{s[k][i][0]:.3f} ± {s[k][i][1]:.3f}" if "drift" not in k else f"{s[k][i][0]:.1f} ± {s[k][i][1]:.1f}" for k in keys]
             lines.append(f"| {router} (n={len(s['seeds'])}) | {s['step'][i]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
