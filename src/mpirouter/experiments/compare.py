@@ -120,7 +120,7 @@ class CompareConfig:
         for key, values in self.vary.items():
             if key in GRID_KEYS:
                 raise ValueError(f"compare: --vary {key} is a grid key; use --routers/--seeds/--optimizers/--scales/--targets/--lr")
-            if key in ("preset", "context", "seq_len") or key.startswith("data."):
+            if key in ("preset", "seq_len") or key.startswith("data."):
                 raise ValueError(f"compare: --vary {key} is not supported (the grid shares one model preset and one corpus); "
                                  f"run one compare per value into separate --out folders")
             if any(item.split("=", 1)[0].strip() == key for item in self.overrides):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..common.files import atomic_write_text
 from ..common.provenance import describe, environment
-from ..core.routers import ROUTER_KINDS
+from ..core.routers import POWER_TARGETS, ROUTER_KINDS
 from ..trainer.metrics import read_metrics
 from ..trainer.rundir import is_moved_aside
 from .plots import pyplot
@@ -44,9 +44,8 @@ def variant_label(router: str, scale: float | None, target: str | None = None) -
 
 def variant_order(router: str, scale: float | None, target: str | None = None) -> tuple:
     """Sort key of report rows: router kinds in ROUTER_KINDS order (unknown ones last), then C', then the target."""
-    targets = ("gate", "up", "gate_up")
     return (ROUTER_KINDS.index(router) if router in ROUTER_KINDS else len(ROUTER_KINDS), router, scale or 0.0,
-            targets.index(target) if target in targets else -1)
+            POWER_TARGETS.index(target) if target in POWER_TARGETS else -1)
 
 
 @dataclass(frozen=True)
@@ -158,22 +157,24 @@ def _config_value(config: dict, key: str) -> str:
     return json.dumps(node) if not isinstance(node, str) else node
 
 
-def vary_keys(sessions: list[dict]) -> list[str]:
-    """The config fields that the folder's compare calls varied (`--vary`), in the order first given."""
-    keys: dict[str, None] = {}
-    for s in sessions:
-        keys.update(dict.fromkeys(s.get("config", {}).get("vary", {}) or {}))
-    return list(keys)
-
-
-def cell_order(sessions: list[dict], cell: tuple[tuple[str, str], ...]) -> tuple:
-    """Sort key of a cell: each value's position in the first --vary list that names it (unknown values last, by name)."""
+def vary_values(sessions: list[dict]) -> dict[str, list[str]]:
+    """The config fields that the folder's compare calls varied (`--vary`) and their values, in the order first given."""
     given: dict[str, list[str]] = {}
     for s in sessions:
         for key, values in (s.get("config", {}).get("vary", {}) or {}).items():
-            known = given.setdefault(key.split(".")[-1], [])
+            known = given.setdefault(key, [])
             known += [v for v in values if v not in known]
-    return tuple((given.get(k, []).index(v), "") if v in given.get(k, []) else (len(given.get(k, [])), v) for k, v in cell)
+    return given
+
+
+def vary_keys(sessions: list[dict]) -> list[str]:
+    return list(vary_values(sessions))
+
+
+def cell_order(given: dict[str, list[str]], cell: tuple[tuple[str, str], ...]) -> tuple:
+    """Sort key of a cell: each value's position in the `vary_values` list of its key (unknown values last, by name)."""
+    short = {key.split(".")[-1]: values for key, values in given.items()}
+    return tuple((short.get(k, []).index(v), "") if v in short.get(k, []) else (len(short.get(k, [])), v) for k, v in cell)
 
 
 def cell_text(cell: tuple[tuple[str, str], ...]) -> str:
@@ -510,7 +511,8 @@ def write_report(out_dir: str | Path) -> Path:
         raise FileNotFoundError(f"no run folders (config.json + metrics.jsonl) under {out}")
     sessions = read_sessions(out)
     now = environment()
-    keys = vary_keys(sessions)
+    given = vary_values(sessions)
+    keys = list(given)
     groups: dict[tuple, dict[float, list[RunRecord]]] = {}
     for r in runs:
         key = (r.config.get("preset", "?"), r.config["optim"]["name"], r.cell(keys))
@@ -518,7 +520,7 @@ def write_report(out_dir: str | Path) -> Path:
     # Every table is summarized before any is written: the Holm adjustment needs all of the report's p-values.
     # presets and optimizers sort by name, cells as their values were given to --vary
     sweeps, sections, compared = [], [], []
-    for (preset, optim, cell), by_lr in sorted(groups.items(), key=lambda kv: (*kv[0][:2], cell_order(sessions, kv[0][2]))):
+    for (preset, optim, cell), by_lr in sorted(groups.items(), key=lambda kv: (*kv[0][:2], cell_order(given, kv[0][2]))):
         in_cell = f", {cell_text(cell)}" if cell else ""
         rows = summarize_sweep(by_lr) if len(by_lr) > 1 else []
         if rows:
