@@ -1,5 +1,7 @@
 """The MoE language model: shapes, parameter counts, config validation, folding, generation."""
 
+import re
+
 import pytest
 import torch
 
@@ -77,6 +79,23 @@ def test_sequence_longer_than_context_is_an_error():
     model = small_model()
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(torch.randint(0, 256, (1, model.config.max_seq_len + 1)))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [(lambda m: m(torch.zeros(16, dtype=torch.long)), "MoELM expects idx of shape (batch, seq), got (16,)"),
+     (lambda m: m(torch.zeros(1, 2, 16, dtype=torch.long)), "MoELM expects idx of shape (batch, seq), got (1, 2, 16)"),
+     (lambda m: m(torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 15, dtype=torch.long)),
+      "MoELM expects targets of the shape of idx (2, 16), got (2, 15)"),
+     (lambda m: m(torch.zeros(2, 16, dtype=torch.long), torch.zeros(32, dtype=torch.long)),
+      "MoELM expects targets of the shape of idx (2, 16), got (32,)"),
+     (lambda m: m(torch.zeros(2, 16, dtype=torch.long), router_rows=[]), "router_rows must hold one tensor per MoE layer (2), got 0"),
+     (lambda m: m.generate(torch.zeros(4, dtype=torch.long), 1), "MoELM expects idx of shape (batch, seq), got (4,)")],
+    ids=["1d-idx", "3d-idx", "shorter-targets", "flat-targets", "too-few-router-rows", "generate-1d-prompt"],
+)
+def test_forward_names_the_expected_input_shapes(call, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        call(small_model())
 
 
 def test_rope_preserves_norms_and_encodes_relative_position():

@@ -1,5 +1,7 @@
 """MoE layer against a naive per-token reference; balance losses and statistics on hand-made cases."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,6 +199,35 @@ def test_route_renormalizes_top_k_in_float32():
 def test_route_rejects_top_k_outside_one_to_num_experts(top_k):
     with pytest.raises(ValueError, match=rf"top_k must be in \[1, num_experts=6\], got {top_k}"):
         route(torch.randn(3, 6), top_k)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: route(torch.randn(3, 6), 2, score_func="bogus"), lambda: MoEConfig(score_func="bogus")],
+    ids=["route", "MoEConfig"],
+)
+def test_unknown_score_func_is_rejected_with_the_choices(make):
+    """route() used to fall through to sigmoid; both places now share the list of choices and the message."""
+    with pytest.raises(ValueError, match='^score_func must be one of softmax, sigmoid, got "bogus"$'):
+        make()
+
+
+@pytest.mark.parametrize(
+    "dim, message",
+    [(0, "dim must be >= 1, got 0"), (-16, "dim must be >= 1, got -16"), (16.0, "dim must be an integer, got float 16.0")],
+    ids=["zero", "negative", "float"],
+)
+def test_moe_rejects_a_dim_that_is_not_a_positive_integer(dim, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        MoE(dim, MoEConfig(num_experts=4, top_k=2, hidden=8))
+
+
+@pytest.mark.parametrize("shape", [(32, 16), (16,), (2, 3, 5, 16), (2, 5, 12)], ids=["2d-tokens", "1d", "4d", "wrong-width"])
+def test_moe_forward_names_the_expected_input_shape(shape):
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8))
+    expected = f"MoE expects x of shape (batch, seq, dim=16), got {shape}"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        moe(torch.randn(shape))
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 16), (3, 0, 16)], ids=["no-sequences", "empty-sequences"])

@@ -1,6 +1,7 @@
 """Router math against references: SVD, the Riemannian-ascent form, gradcheck, folding."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -250,6 +251,26 @@ def test_mpi_router_class_is_the_paper_default():
 def test_router_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RouterConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [(lambda: Router(0, 4), "dim must be >= 1, got 0"), (lambda: MPIRouter(-8, 4), "dim must be >= 1, got -8"),
+     (lambda: Router(8.0, 4), "dim must be an integer, got float 8.0"), (lambda: Router(8, 0), "num_experts must be >= 1, got 0"),
+     (lambda: MPIRouter(8, -2), "num_experts must be >= 1, got -2")],
+    ids=["Router-zero-dim", "MPIRouter-negative-dim", "Router-float-dim", "Router-no-experts", "MPIRouter-negative-experts"],
+)
+def test_router_constructors_reject_sizes_that_are_not_positive_integers(make, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        make()
+
+
+@pytest.mark.parametrize("shape", [(2, 7), (2, 5, 8), (8,)], ids=["wrong-width", "3d", "1d"])
+def test_router_forward_names_the_expected_input_shape(shape):
+    router = Router(8, 4, RouterConfig(kind="linear"))
+    expected = f"Router expects x of shape (tokens, dim=8), got {shape}"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        router(torch.randn(shape))
 
 
 def test_mpi_router_needs_gate_weights():

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
@@ -260,10 +261,86 @@ def test_variants_rows():
     both = hf.apply_mpi(copy.deepcopy(ref), variant="mpi", target="gate_up")
     gate_only = hf.apply_mpi(copy.deepcopy(ref))
     assert not torch.allclose(moe_blocks(both)[0][1].gate.weight, moe_blocks(gate_only)[0][1].gate.weight)
-    with pytest.raises(ValueError, match="unknown router kind"):
+    with pytest.raises(ValueError, match="variant must be one of"):
         hf.apply_mpi(copy.deepcopy(ref), variant="nope")
     with pytest.raises(RuntimeError, match="already applied"):
         hf.apply_mpi(auto)
+
+
+def untouched(model: torch.nn.Module, state_before: dict[str, torch.Tensor], hooks_before: int) -> bool:
+    """No router parametrized, no hook added, every tensor as it was, and apply_mpi still allowed."""
+    state = model.state_dict()
+    return (
+        not any(parametrize.is_parametrized(m) for m in model.modules())
+        and sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
+        and state.keys() == state_before.keys() and all(torch.equal(state[k], v) for k, v in state_before.items())
+        and hf.apply_mpi(model) is model
+    )
+
+
+def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, sum(len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(aux_loss_coef=-1.0), r"aux_loss_coef must be >= 0 and finite \(or null\), got -1.0"),
+        (dict(aux_loss_coef=math.nan), r"aux_loss_coef must be >= 0 and finite \(or null\), got nan"),
+        (dict(aux_loss_coef=math.inf), r"aux_loss_coef must be >= 0 and finite \(or null\), got inf"),
+        (dict(aux_loss_coef="0.1"), 'aux_loss_coef must be a number or null, got "0.1"'),
+        (dict(scale=0.0), 'scale must be a finite number > 0 or "auto", got float 0.0'),
+        (dict(scale=-1.0), 'scale must be a finite number > 0 or "auto", got float -1.0'),
+        (dict(scale=math.nan), 'scale must be a finite number > 0 or "auto", got float nan'),
+        (dict(scale=math.inf), 'scale must be a finite number > 0 or "auto", got float inf'),
+        (dict(scale="bogus"), 'scale must be a finite number > 0 or "auto", got "bogus"'),
+        (dict(scale=None), 'scale must be a finite number > 0 or "auto", got null'),
+        (dict(scale=True), 'scale must be a finite number > 0 or "auto", got boolean true'),
+        (dict(variant="nope"), 'variant must be one of linear, mpi, power, retract, mpi-inplace, got "nope"'),
+        (dict(target="down"), 'target must be one of gate, up, gate_up, got "down"'),
+    ],
+    ids=["negative-aux-coef", "nan-aux-coef", "inf-aux-coef", "string-aux-coef", "zero-scale", "negative-scale", "nan-scale",
+         "inf-scale", "string-scale", "none-scale", "bool-scale", "unknown-variant", "unknown-target"],
+)
+def test_apply_mpi_rejects_bad_arguments_before_touching_the_model(kwargs, message):
+    model = make("mixtral")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        hf.apply_mpi(model, **kwargs)
+    assert untouched(model, *before)
+
+
+def test_apply_mpi_rejects_a_bad_default_aux_loss_coef_from_the_config():
+    model = make("mixtral", router_aux_loss_coef=-0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"aux_loss_coef \(default: model.config.router_aux_loss_coef\) must be >= 0"):
+        hf.apply_mpi(model)
+    model.config.router_aux_loss_coef = 0.0
+    assert untouched(model, *before)
+    assert hf.apply_mpi(make("mixtral", router_aux_loss_coef=-0.5), aux_loss_coef=0.1) is not None  # explicit wins
+
+
+def test_apply_mpi_checks_every_block_before_patching_any():
+    """A mismatch in the last block used to surface after the first blocks were already patched."""
+    model = make("mixtral")
+    moe_blocks(model)[-1][1].gate.weight = torch.nn.Parameter(torch.randn(4, 31))  # the gate's width is 32
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"router \(4, 31\) does not match gate"):
+        hf.apply_mpi(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert sum(len(m._forward_hooks) for m in model.modules()) == before[1]
+
+
+def test_apply_mpi_auto_scale_refuses_zero_router_rows():
+    model = make("olmoe")
+    with torch.no_grad():
+        moe_blocks(model)[-1][1].gate.weight.zero_()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r'scale="auto" needs router rows of finite nonzero norm, got mean norm 0.0'):
+        hf.apply_mpi(model, scale="auto")
+    assert untouched(model, *before)
+    hf.export(model)
+    assert hf.apply_mpi(model, variant="linear", scale="auto") is model  # the scale is unused there
 
 
 def test_inplace_update_sets_R_to_mpi_rows():

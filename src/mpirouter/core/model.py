@@ -207,7 +207,12 @@ class MoELM(nn.Module):
                 router_rows: list[torch.Tensor] | None = None) -> ModelOutput:
         """Logits, losses and per-layer MoE statistics. `router_rows`: φ per MoE layer, computed
         beforehand (`router_rows()`, shared across micro-batches by `RowsPerStep`); None: each layer computes its own."""
+        _check_idx(idx_BS)
         B, S = idx_BS.shape
+        if targets_BS is not None and targets_BS.shape != idx_BS.shape:
+            raise ValueError(f"MoELM expects targets of the shape of idx {tuple(idx_BS.shape)}, got {tuple(targets_BS.shape)}")
+        if router_rows is not None and len(router_rows) != len(self.moe_layers()):
+            raise ValueError(f"router_rows must hold one tensor per MoE layer ({len(self.moe_layers())}), got {len(router_rows)}")
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.tok_emb(idx_BS)
@@ -262,6 +267,7 @@ class MoELM(nn.Module):
         check_number("max_new_tokens", max_new_tokens, integer=True, ge=0)
         check_number("temperature", temperature, ge=0)
         check_number("top_k", top_k, integer=True, ge=1, optional=True)
+        _check_idx(idx_BS)
         for _ in range(max_new_tokens):
             logits = self(idx_BS[:, -self.config.max_seq_len :]).logits[:, -1, :].float()
             if temperature <= 0:
@@ -275,6 +281,12 @@ class MoELM(nn.Module):
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             idx_BS = torch.cat([idx_BS, nxt], dim=1)
         return idx_BS
+
+
+def _check_idx(idx_BS: torch.Tensor) -> None:
+    """ValueError unless the token ids are a (batch, seq) tensor; reads the shape only, never the values."""
+    if idx_BS.dim() != 2:
+        raise ValueError(f"MoELM expects idx of shape (batch, seq), got {tuple(idx_BS.shape)}")
 
 
 def init_weights(model: MoELM) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, get_args
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,14 @@ Dispatch = Literal["auto", "loop", "grouped_mm"]
 AuxScope = Literal["sequence", "batch", "global"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 Balance = Literal["aux", "bias", "both"]
+
+SCORE_FUNCS: tuple[str, ...] = get_args(ScoreFunc)
+
+
+def check_score_func(score_func: object) -> None:
+    """Raise ValueError naming `score_func` and its choices unless it is one of `SCORE_FUNCS`."""
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"score_func must be one of {', '.join(SCORE_FUNCS)}, got {show_value(score_func)}")
 
 
 @dataclass
@@ -88,8 +96,7 @@ class MoEConfig:
         check_number("aux_loss_coef", self.aux_loss_coef, ge=0)
         check_number("bias_update_rate", self.bias_update_rate, gt=0)
         check_number("n_shared (shared experts)", self.n_shared, integer=True, ge=0)
-        if self.score_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {show_value(self.score_func)}")
+        check_score_func(self.score_func)
         if self.balance not in ("aux", "bias", "both"):
             raise ValueError(f"balance must be 'aux', 'bias' or 'both', got {show_value(self.balance)}")
         check_number("z_loss_coef", self.z_loss_coef, ge=0)
@@ -153,6 +160,7 @@ def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True, score_f
     """
     if not 1 <= top_k <= logits_TE.shape[-1]:  # plain comparison: this runs in every layer's forward
         raise ValueError(f"top_k must be in [1, num_experts={logits_TE.shape[-1]}], got {top_k}")
+    check_score_func(score_func)  # a string compare, no tensor read
     if score_func == "softmax":
         scores_TE = torch.softmax(logits_TE.float(), dim=-1)
     else:
@@ -480,6 +488,7 @@ class MoE(nn.Module):
 
     def __init__(self, dim: int, config: MoEConfig):
         super().__init__()
+        check_number("dim", dim, integer=True, ge=1)
         self.dim, self.config = dim, config
         E, Fh = config.num_experts, config.hidden
         self.router = Router(dim, E, config.router)
@@ -534,6 +543,8 @@ class MoE(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rows_ED: torch.Tensor | None = None) -> MoEOutput:
         """`rows_ED`: φ computed beforehand (once per optimizer step, `routers.RowsPerStep`); None computes it here."""
         cfg = self.config
+        if x_BSD.dim() != 3 or x_BSD.shape[-1] != self.dim:  # shapes only: no tensor read
+            raise ValueError(f"MoE expects x of shape (batch, seq, dim={self.dim}), got {tuple(x_BSD.shape)}")
         B, S, D = x_BSD.shape
         T = B * S
         counting = cfg.uses_expert_bias and self.training and torch.is_grad_enabled()
@@ -666,9 +677,11 @@ __all__ = [
     "MoEOutput",
     "MoEStats",
     "Routing",
+    "SCORE_FUNCS",
     "ScoreFunc",
     "SharedExperts",
     "autocast_operands",
+    "check_score_func",
     "choose_dispatch",
     "combine_slots",
     "expert_bias_update",

@@ -229,6 +229,7 @@ class Router(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, config: RouterConfig | None = None):
         super().__init__()
+        check_number("dim", dim, integer=True, ge=1)
         self.config = config or RouterConfig()
         self.dim, self.num_experts = dim, num_experts
         self.scale = mpi_scale(num_experts, self.config.scale_prime)
@@ -272,6 +273,8 @@ class Router(nn.Module):
         rows_ED: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Router logits (T, E) in float32; `rows_ED` passes φ computed beforehand (`RowsPerStep`)."""
+        if x_TD.dim() != 2 or x_TD.shape[-1] != self.dim:  # shapes only: no tensor read
+            raise ValueError(f"Router expects x of shape (tokens, dim={self.dim}), got {tuple(x_TD.shape)}")
         if rows_ED is None:
             rows_ED = self.rows(w_gate_EFD, w_up_EFD)
         # float32 logits even under bf16 autocast: the top-k choice is sensitive to rounding, and this matmul is small

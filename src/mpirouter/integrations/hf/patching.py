@@ -4,25 +4,27 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ...core.routers import RouterConfig, mpi_rows, mpi_scale
+from ...common.config import check_number, show_value
+from ...core.routers import POWER_TARGETS, ROUTER_KINDS, PowerTarget, RouterKind, mpi_rows, mpi_scale
 from .adapters import get_adapter
 from .parametrization import _RouterRows
 from .state import _STATE_ATTR, _find_layers, _find_state, _State, _state
 
-Variant = Literal["linear", "mpi", "power", "retract", "mpi-inplace"]
+Variant = RouterKind
 
 
 def apply_mpi(
     model: nn.Module,
     variant: Variant = "mpi",
     scale: float | Literal["auto"] = 1.0,
-    target: Literal["gate", "up", "gate_up"] = "gate",
+    target: PowerTarget = "gate",
     aux_loss_coef: float | None = None,
 ) -> nn.Module:
     """Make every MoE router of a supported transformers model use MPI rows. In place; returns `model`.
@@ -43,34 +45,57 @@ def apply_mpi(
     R is a float32 parameter (`router.parametrizations.weight.original`) initialised from the router's
     weight, whatever the model dtype; apply after `model.to(device, dtype)`. The router's logits use φ
     rounded to the router weight's dtype, exactly like an ordinary router weight (and like `export`).
+
+    Every argument and every block is checked before the model is touched: a ValueError leaves it as it was.
     """
-    kind_cfg = RouterConfig(kind=variant, scale_prime=1.0 if scale == "auto" else float(scale), target=target)
+    auto = isinstance(scale, str) and scale == "auto"
+    _check_arguments(variant, scale, auto, target, aux_loss_coef)
     adapter = get_adapter(model)
     if _find_state(model) is not None:
         raise RuntimeError("apply_mpi was already applied to this model; call export(model) first")
+    coef = aux_loss_coef if aux_loss_coef is not None else getattr(model.config, "router_aux_loss_coef", None)
+    check_number("aux_loss_coef (default: model.config.router_aux_loss_coef)", coef, ge=0, optional=True)
     layers = _find_layers(model, adapter)
     if not layers:
         raise ValueError(f"no MoE blocks ({', '.join(adapter.block_classes)}) found in {type(model).__name__}")
-    for layer in layers:
-        router, w_ED = layer.router, layer.router.weight
+    for layer in layers:  # all checks first, so that a bad block leaves every block unpatched
+        w_ED = layer.router.weight
         w_gate_EFD = layer.mats("gate")[0]
         if w_gate_EFD.shape[0] != w_ED.shape[0] or w_gate_EFD.shape[2] != w_ED.shape[1]:
             raise ValueError(f"{layer.name}: router {tuple(w_ED.shape)} does not match gate {tuple(w_gate_EFD.shape)}")
-        if scale == "auto":
+        if auto:
             layer.scale = w_ED.detach().float().norm(dim=-1).mean().item()
+            if variant not in ("linear", "power") and not (math.isfinite(layer.scale) and layer.scale > 0):
+                raise ValueError(f'{layer.name}: scale="auto" needs router rows of finite nonzero norm, '
+                                 f"got mean norm {layer.scale}; pass a number")
         else:
-            layer.scale = mpi_scale(layer.num_experts, kind_cfg.scale_prime)
+            layer.scale = mpi_scale(layer.num_experts, float(scale))
+    for layer in layers:
+        router, w_ED = layer.router, layer.router.weight
         if variant != "linear":
             r_ED = nn.Parameter(w_ED.detach().float().clone(), requires_grad=w_ED.requires_grad)
             rows = _RouterRows(layer, variant, layer.scale, target, w_ED.dtype, w_ED.device)
             router.weight = r_ED
             parametrize.register_parametrization(router, "weight", rows, unsafe=True)
         layer.handle = router.register_forward_hook(layer.record)
-    coef = aux_loss_coef if aux_loss_coef is not None else getattr(model.config, "router_aux_loss_coef", 0.0)
     state = _State(variant, target, float(coef or 0.0), layers)
     state.handle = model.register_forward_hook(state.after_forward, with_kwargs=True)
     model.__dict__[_STATE_ATTR] = state
     return model
+
+
+def _check_arguments(variant: object, scale: object, auto: bool, target: object, aux_loss_coef: object) -> None:
+    """`apply_mpi`'s arguments, each a one-line ValueError naming it and what it takes."""
+    if variant not in ROUTER_KINDS:
+        raise ValueError(f"variant must be one of {', '.join(ROUTER_KINDS)}, got {show_value(variant)}")
+    if target not in POWER_TARGETS:
+        raise ValueError(f"target must be one of {', '.join(POWER_TARGETS)}, got {show_value(target)}")
+    if not auto:
+        try:
+            check_number("scale", scale, gt=0)
+        except ValueError:
+            raise ValueError(f'scale must be a finite number > 0 or "auto", got {show_value(scale)}') from None
+    check_number("aux_loss_coef", aux_loss_coef, ge=0, optional=True)
 
 
 @torch.no_grad()
