@@ -45,7 +45,7 @@ FLAG_FIELDS = {"router": "model.moe.router.kind", "scale": "model.moe.router.sca
                "data": "data.path", "tokenizer": "data.tokenizer", "steps": "steps", "batch_size": "batch_size",
                "optimizer": "optim.name", "lr": "optim.lr", "seed": "seed", "device": "device", "compile": "compile",
                "out": "out_dir"}
-"""`train` flags and the TrainConfig field each sets (`--preset` replaces the whole model section)."""
+"""`train` flags and the TrainConfig field each sets (`--preset` picks the whole model section)."""
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -57,28 +57,10 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return given
 
 
-def _set_field(data: dict, path: str, value) -> None:
-    *sections, leaf = path.split(".")
-    for key in sections:
-        data = data[key]
-    data[leaf] = value
-
-
 def train_config(args, explicit: set[str]) -> "TrainConfig":
-    """The TrainConfig a `train` command line asks for.
-
-    Without --config or --resume every flag (or its default) sets its field. With --config FILE (or
-    --resume, which starts from the checkpoint's config), the file gives the defaults and the flags
-    given explicitly on the command line win over it; `--set` overrides come last.
-    """
-    from .common.config import apply_overrides, from_dict, to_dict
-    from .core.model import preset_config
-    from .core.routers import RouterConfig
-    from .optim import OptimConfig
-    from .trainer.checkpoint import load_checkpoint
-    from .trainer.config import TrainConfig
-    from .trainer.data import DataConfig
-    from .trainer.rundir import check_not_locked
+    """The TrainConfig a `train` command line asks for: the parsed flags handed to `trainer.resolve` (its
+    docstring states the precedence of defaults, --config or the resumed checkpoint, --set and flags)."""
+    from .trainer.resolve import ConfigSources, resolve_train_config
 
     for dest in ("config", "out", "data", "tokenizer"):
         if getattr(args, dest) == "":
@@ -86,54 +68,17 @@ def train_config(args, explicit: set[str]) -> "TrainConfig":
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-        if _rank() == 0:  # in a torchrun job rank 0 takes the lock for all: the others would find it taken
-            check_not_locked(args.out)  # another job running there: say so before reading its checkpoints
         for flag in ("config", "force"):
             if flag in explicit:
                 raise ValueError(f"--{flag} cannot be combined with --resume (the checkpoint holds the run's config)")
-        saved, _, _ = load_checkpoint(args.out, with_state=False, fallback=True, say=lambda _: None, weights=False)
-        base = to_dict(from_dict(TrainConfig, saved))
-        explicit = explicit | {"out"}  # a moved or copied run continues where it is now
-    elif args.config is not None:
-        try:
-            text = Path(args.config).read_text()
-        except IsADirectoryError:
-            raise ValueError(f"--config {args.config} is a folder; pass its config.json") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"--config {args.config} is not UTF-8 text") from None
-        try:
-            base = to_dict(from_dict(TrainConfig, json.loads(text)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config {args.config} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        except RecursionError:
-            raise ValueError(f"--config {args.config} is nested too deeply to be a config") from None
-        except TypeError as e:
-            raise ValueError(f"--config {args.config}: {e}") from None
-    else:
-        router = RouterConfig(kind=args.router, scale_prime=args.scale, target=args.target)
-        cfg = TrainConfig(
-            model=preset_config(args.preset, moe=dict(router=router)),
-            preset=args.preset,
-            data=DataConfig(path=args.data, tokenizer=args.tokenizer),
-            optim=OptimConfig(name=args.optimizer, lr=args.lr),
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            device=args.device,
-            compile=args.compile,
-            out_dir=args.out or f"runs/{args.preset}-{args.router}-s{args.seed}",
-        )
-        return apply_overrides(cfg, args.set or [])
-    if "preset" in explicit:
-        model = to_dict(preset_config(args.preset))
-        model["moe"]["router"] = base["model"]["moe"]["router"]
-        base["model"], base["preset"] = model, args.preset
-    if "optimizer" in explicit and "lr" not in explicit and args.optimizer != base["optim"]["name"]:
-        base["optim"]["lr"] = base["optim"]["adam_lr"] = None  # a tuned lr belongs to the old optimizer
-    for dest, path in FLAG_FIELDS.items():
-        if dest in explicit:
-            _set_field(base, path, getattr(args, dest))
-    return apply_overrides(from_dict(TrainConfig, base), args.set or [])
+    given = {path: getattr(args, dest) for dest, path in FLAG_FIELDS.items() if dest in explicit}
+    defaults = {path: getattr(args, dest) for dest, path in FLAG_FIELDS.items() if dest not in explicit and dest != "out"}
+    sources = ConfigSources(flags=given, defaults=defaults, preset=args.preset if "preset" in explicit else None,
+                            config_file=args.config, resume=args.out if args.resume else None, overrides=tuple(args.set or []))
+    cfg, notes = resolve_train_config(sources, check_lock=_rank() == 0)
+    for note in notes if _rank() == 0 else []:
+        print(f"note: {note}")
+    return cfg
 
 
 def cmd_train(args) -> int:

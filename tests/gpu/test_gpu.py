@@ -160,8 +160,9 @@ def _records(run) -> list[dict]:
 
 
 def _cfg_from(argv: list[str], out) -> TrainConfig:
-    from mpirouter.cli import build_parser, train_config
+    from mpirouter.cli import build_parser, explicit_flags, train_config
 
     parser = build_parser()
-    args = parser.parse_args(["train", *argv, "--out", str(out)])
-    return train_config(args, set())
+    argv = [*argv, "--out", str(out)]
+    args = parser.parse_args(["train", *argv])
+    return train_config(args, explicit_flags(parser.subcommands["train"], argv))

@@ -1,12 +1,16 @@
 """Run folders: refusing to reuse a run, moving one aside, and the one-job lock (stale locks included)."""
 
+import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from mpirouter.trainer.rundir import LOCK_FILE, RunLock, RunLockedError, claim_new_run, is_moved_aside, lock_existing_run
+from mpirouter.common.config import to_dict
+from mpirouter.trainer.config import TrainConfig
+from mpirouter.trainer.rundir import (LOCK_FILE, RunLock, RunLockedError, claim_new_run, is_moved_aside, is_run_folder,
+                                      lock_existing_run)
 
 
 def make_run(path, content="{}"):
@@ -118,3 +122,68 @@ def test_a_refused_resume_leaves_no_lock_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints/ folder"):
         lock_existing_run(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def tree(root):
+    return sorted((str(p.relative_to(root)), p.is_symlink(), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+@pytest.mark.parametrize("layout", ["home-with-checkpoints-dir", "project-config-json", "own-metrics-jsonl", "own-checkpoints"])
+def test_a_folder_with_run_like_names_is_not_a_run_and_is_never_moved(tmp_path, layout, force):
+    """Issue #22 row 3: a `checkpoints/` or `config.json` of the user's made the folder 'a run', and --force moved it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    if layout == "home-with-checkpoints-dir":
+        for d in (".ssh", "checkpoints", "docs"):
+            (home / d).mkdir()
+        (home / ".ssh" / "id").write_text("key")
+    elif layout == "project-config-json":
+        (home / "config.json").write_text('{"lr": 1}')
+    elif layout == "own-metrics-jsonl":
+        (home / "metrics.jsonl").write_text('{"epoch": 1, "acc": 0.5}\n')
+    else:
+        (home / "checkpoints" / "epoch_3").mkdir(parents=True)
+        (home / "checkpoints" / "latest").write_text("epoch_3")
+    before = tree(tmp_path)
+    assert not is_run_folder(home)
+    with pytest.raises(FileExistsError, match="is not empty and holds no run"):
+        claim_new_run(home, force=force)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("marker", ["metrics-start-record", "train-config", "checkpoint-latest", "checkpoint-folder"])
+def test_each_trainer_marker_alone_makes_a_run(tmp_path, marker):
+    run = tmp_path / "r"
+    run.mkdir()
+    if marker == "metrics-start-record":
+        (run / "metrics.jsonl").write_text('{"event": "start", "step": 0, "params_total": 10}\n')
+    elif marker == "train-config":
+        (run / "config.json").write_text(json.dumps(to_dict(TrainConfig())))
+    elif marker == "checkpoint-latest":
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "latest").write_text("step_0000010")
+    else:
+        (run / "checkpoints" / "step_0000010").mkdir(parents=True)
+        (run / "checkpoints" / "step_0000010" / "config.json").write_text("{}")
+    assert is_run_folder(run)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        claim_new_run(run)
+
+
+def test_force_through_a_symbolic_link_is_refused_and_changes_nothing(tmp_path):
+    """Issue #22 row 4: --force moved the run behind the link, then failed "File exists", the link left dangling."""
+    target = make_run(tmp_path / "tgt")
+    (tmp_path / "lnk").symlink_to(target)
+    before = tree(tmp_path)
+    with pytest.raises(FileExistsError, match="is a symbolic link to .*pass .* itself"):
+        claim_new_run(tmp_path / "lnk", force=True)
+    assert tree(tmp_path) == before
+
+
+def test_a_long_folder_name_can_still_be_moved_aside(tmp_path):
+    """Issue #22 row 24: the `.old-<time>` name of a legal 250-character folder name was too long for the file system."""
+    run = make_run(tmp_path / ("r" * 250))
+    claim_new_run(run, force=True, say=lambda _: None).release()
+    aside = [p for p in tmp_path.iterdir() if is_moved_aside(p)]
+    assert len(aside) == 1 and len(aside[0].name.encode()) <= 255 and (aside[0] / "config.json").is_file()

@@ -109,18 +109,53 @@ def plot_curves(run_dirs: dict[str, Path], path: Path) -> Path | None:
     return path
 
 
+DEMO_FILES = frozenset({"summary.md", "summary.json", "curves.png"})
+"""The files a demo writes beside its run folders (one per router)."""
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("info"), dict)
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What in `out` a demo did not write: anything but its summary files and run folders (our markers, `rundir.is_run_folder`)."""
+    foreign = []
+    for p in sorted(out.iterdir()):
+        if p.name == rundir.LOCK_FILE:
+            continue
+        if p.is_symlink() or not (p.is_dir() and rundir.is_run_folder(p) or p.is_file() and p.name in DEMO_FILES):
+            foreign.append(p.name)
+        elif p.name == "summary.json" and not _is_summary(p):
+            foreign.append(p.name)
+    ours = [p for p in out.iterdir() if p.is_dir() and not p.is_symlink() and rundir.is_run_folder(p)]
+    if not foreign and not ours and not _is_summary(out / "summary.json"):
+        foreign = sorted(p.name for p in out.iterdir() if p.name != rundir.LOCK_FILE)  # loose summary files alone are no demo
+    return foreign
+
+
 def claim_demo_folder(out: Path, say=print) -> None:
-    """Make `out` an empty folder for a new demo: an earlier demo there is moved aside (never deleted), anything else refused."""
+    """Make `out` an empty folder for a new demo: an earlier demo there is moved aside (never deleted), anything else refused.
+
+    An earlier demo is a folder holding only demo output (summary files and run folders recognised by the
+    trainer's own markers); a folder with anything else in it is the user's and is never moved.
+    """
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is an existing file; choose another --out")
+    if out.is_symlink():
+        raise FileExistsError(f"--out {out} is a symbolic link; pass the folder itself or choose another --out")
     if out.is_dir() and any(out.iterdir()):
-        earlier = (out / "summary.json").is_file() or any(rundir.is_run_folder(p) for p in out.iterdir())
-        if not earlier:
-            raise FileExistsError(f"{out} exists, is not empty and holds no earlier demo; choose another --out")
+        foreign = foreign_entries(out)
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise FileExistsError(f"{out} is not empty and is not an earlier demo (it holds {shown}); choose another --out")
         # a job still training in the earlier demo writes by path: never move its folder from under it
         locks: list[rundir.RunLock] = []
         try:
-            for run in (p for p in out.iterdir() if rundir.is_run_folder(p)):
+            for run in (p for p in out.iterdir() if p.is_dir() and rundir.is_run_folder(p)):
                 locks.append(rundir.RunLock(run).acquire())
             say(f"moved the earlier demo in {out} aside to {rundir.move_aside(out)}")
         finally:

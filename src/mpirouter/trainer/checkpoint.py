@@ -50,6 +50,8 @@ TOKENIZER_FILE = "tokenizer.json"
 TMP_PREFIX = ".tmp-"
 STEP_NAME = re.compile(r"step_\d{7,}")
 """Names of checkpoint folders; rotation touches nothing else (moved-aside or foreign folders stay)."""
+CHECKPOINT_FILES = (WEIGHTS, DCP_DIR, STATE, CONFIG)
+"""What a checkpoint folder holds (one-process: weights, state, config; sharded: dcp/, state, config)."""
 
 
 class NonFiniteWeightsError(ValueError):

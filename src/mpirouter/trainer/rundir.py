@@ -4,7 +4,10 @@
     mpirouter train --out runs/a --resume   # continues it
     mpirouter train --out runs/a --force    # moves the old run to runs/a.old-<time> first, then starts fresh
 
-A run folder is one that holds config.json, metrics.jsonl or checkpoints/. A job holds an
+A run folder is recognised by what only the trainer writes (`is_run_folder`): a metrics.jsonl that
+opens with the trainer's `start` record, a config.json holding a whole TrainConfig, or a checkpoints/
+folder with the trainer's step_XXXXXXX checkpoints. A folder that merely has files with those names
+is not a run, and is never moved aside, `--force` or not. A job holds an
 exclusive lock on its run folder (`.lock`, an flock) for as long as it writes there, so a second
 job refuses instead of interleaving its checkpoints with the first one's. The kernel drops an
 flock when its process dies, even under `kill -9`, so a stale `.lock` file never blocks. (When the
@@ -15,25 +18,74 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
 
+from .checkpoint import CHECKPOINT_FILES, CONFIG, LATEST, STEP_NAME
+from .metrics import METRICS_FILE
+
 LOCK_FILE = ".lock"
-RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
 ASIDE_MARK = ".old-"
 """Moved-aside folders are named `<name>.old-<UTC time>`; report discovery skips them."""
+CONFIG_KEYS = frozenset({"model", "data", "optim", "steps", "out_dir"})
+"""Top-level keys every config.json the trainer writes has (it writes all of TrainConfig's fields)."""
+NAME_MAX = 255
+"""Longest file name most file systems take (bytes); a derived name (`.old-<time>`) is kept within it."""
 
 
 class RunLockedError(RuntimeError):
     """Another live job holds the run folder's lock."""
 
 
-def is_run_folder(path: Path) -> bool:
-    """Whether `path` holds (part of) a training run."""
-    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` holds (part of) a training run, judged by the trainer's own markers only.
+
+    Any one suffices: metrics.jsonl opening with a `start` (or `resume`) record; a config.json that is a
+    whole TrainConfig; checkpoints/ holding a `latest` that names a step_XXXXXXX folder or such a folder
+    with a checkpoint file in it. A folder of the user's that happens to have a `checkpoints/` or a
+    `config.json` of its own is not a run.
+    """
+    path = Path(path)
+    return path.is_dir() and (_opens_with_start_record(path / METRICS_FILE) or _is_train_config(path / CONFIG)
+                              or _has_checkpoints(path / "checkpoints"))
+
+
+def _opens_with_start_record(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16)
+        record = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("event") in ("start", "resume")
+
+
+def _is_train_config(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:  # ours are a few kB
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and CONFIG_KEYS <= data.keys() and isinstance(data["model"], dict) \
+        and isinstance(data["model"].get("moe"), dict)
+
+
+def _has_checkpoints(root: Path) -> bool:
+    if not root.is_dir() or root.is_symlink():
+        return False
+    try:
+        latest = (root / LATEST).read_text(errors="replace").strip() if (root / LATEST).is_file() else ""
+        if STEP_NAME.fullmatch(latest):
+            return True
+        return any(STEP_NAME.fullmatch(p.name) and p.is_dir() and any((p / f).exists() for f in CHECKPOINT_FILES)
+                   for p in root.iterdir())
+    except OSError:
+        return False
 
 
 def is_moved_aside(path: Path) -> bool:
@@ -52,16 +104,38 @@ def check_not_inside_a_run(path: Path) -> None:
 
 
 def move_aside(path: Path) -> Path:
-    """Rename `path` to a free `<name>.old-<UTC time>[-n]` sibling and return the new path (nothing is deleted)."""
+    """Rename `path` to a free `<name>.old-<UTC time>[-n]` sibling and return the new path (nothing is deleted).
+
+    A symbolic link is refused: renaming what it points to would leave the link dangling.
+    """
+    if Path(path).is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link (to {os.readlink(path)}); pass the folder itself to move it aside")
     path = path.resolve()  # "." has no name to extend
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    target = path.with_name(f"{path.name}{ASIDE_MARK}{stamp}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}{ASIDE_MARK}{stamp}-{n}")
+    n = 0
+    while True:
+        suffix = f"{ASIDE_MARK}{stamp}" + (f"-{n}" if n else "")
+        target = path.with_name(fit_name(path.name, suffix))
+        if not target.exists():
+            break
         n += 1
     os.rename(path, target)
     return target
+
+
+def fit_name(name: str, suffix: str, prefix: str = "") -> str:
+    """`prefix + name + suffix`, with `name` shortened (keeping its start) so the result fits NAME_MAX bytes.
+
+    Names derived from a user's folder (moved-aside and temporary siblings) must not fail on a
+    long but legal folder name; a shortened name keeps a hash of the whole so two long names stay apart.
+    """
+    whole = f"{prefix}{name}{suffix}"
+    if len(whole.encode()) <= NAME_MAX:
+        return whole
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    room = NAME_MAX - len(f"{prefix}{tag}{suffix}".encode())
+    short = name.encode()[:room].decode(errors="ignore")
+    return f"{prefix}{short}{tag}{suffix}"
 
 
 class RunLock:
@@ -117,7 +191,8 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
     force=True moves an existing run aside (never deletes it) and says where. A folder with other
     content that is not a run is refused even with force: it is not ours to move.
     """
-    run_dir = Path(run_dir).absolute()  # "." must still name the folder after the old run is moved aside
+    given = Path(run_dir)
+    run_dir = given.absolute()  # "." must still name the folder after the old run is moved aside
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"--out {run_dir} is an existing file, not a run folder; choose another --out")
     check_not_inside_a_run(run_dir)
@@ -134,6 +209,9 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
             if not force:
                 raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume, or pass --force "
                                       f"to move it aside (to {run_dir.name}{ASIDE_MARK}<time>) and start a new one")
+            if run_dir.is_symlink():
+                raise FileExistsError(f"--out {given} is a symbolic link to {os.readlink(run_dir)}, which holds a run; "
+                                      f"--force moves only a real folder aside: pass {run_dir.resolve()} itself")
             aside = move_aside(run_dir)
             say(f"moved the existing run {run_dir} aside to {aside}")
             run_dir.mkdir()
