@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -82,3 +84,40 @@ def test_parquet_without_datasets_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'mpirouter[datasets]'" in err
     assert not (tmp_path / "prep").exists()
+
+
+def test_a_fifo_is_refused_not_read_forever(tmp_path):
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    # A subprocess: reading a fifo that no one writes blocks, and only a timeout would end the test.
+    for argv in (["prepare-data", "--out", str(tmp_path / "prep")], ["train", *FAST, "--out", str(tmp_path / "run")]):
+        proc = subprocess.run([sys.executable, "-m", "mpirouter", argv[0], "--data", str(fifo), *argv[1:]],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and f"corpus path {fifo} is a fifo, not a regular file" in proc.stderr
+    assert not (tmp_path / "prep").exists()
+
+
+def test_train_on_a_folder_with_an_edited_dtype_is_one_line(corpus, tmp_path, capsys):
+    out = tmp_path / "prep"
+    assert main(["prepare-data", "--out", str(out), "--data", str(corpus)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    for split in ("train", "val"):  # sizes stay consistent: 2 uint16 bytes per token become 4 per uint32
+        with open(out / f"{split}.bin", "ab") as f:
+            f.write(b"\0\0" * (meta[f"{split}_tokens"] % 2))
+        meta[f"{split}_tokens"] = (out / f"{split}.bin").stat().st_size // 4
+    (out / "meta.json").write_text(json.dumps({**meta, "dtype": "uint32"}))
+    capsys.readouterr()
+    assert main(["train", "--data", str(out), *FAST, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "says dtype uint32, but a vocabulary of 256 tokens is stored as uint16" in err
+
+
+def test_train_on_a_folder_without_meta_json_names_it(corpus, tmp_path, capsys):
+    out = tmp_path / "prep"
+    assert main(["prepare-data", "--out", str(out), "--data", str(corpus)]) == 0
+    (out / "meta.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--data", str(out), *FAST, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "meta.json is missing" in err and "no .txt" not in err

@@ -282,7 +282,7 @@ def cmd_prepare_data(args) -> int:
     cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
                      val_fraction=args.val_fraction, jsonl_field=args.jsonl_field)
     try:
-        meta = prepare_shards(cfg, args.out)
+        meta = prepare_shards(cfg, args.out, say=lambda m: print(m, flush=True))  # stdout: stderr is for the one error line
     except ImportError as e:  # an optional package (tokenizers, datasets) is missing: say which, in one line
         raise ValueError(str(e)) from None
     src = meta.source

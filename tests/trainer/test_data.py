@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +167,44 @@ def test_bad_jsonl_raises_with_line_number(tmp_path, line, pattern):
         load_corpus(str(path))
 
 
+@pytest.fixture
+def unix_socket(tmp_path):
+    path = tmp_path / "s.txt"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    yield path
+    sock.close()
+
+
+@pytest.mark.parametrize("kind", ["socket", "character-device"])
+def test_a_corpus_path_that_is_not_a_regular_file_is_refused(unix_socket, kind):
+    # A fifo blocks the read forever and /dev/zero never ends (tests/test_cli_prepare_data.py runs a fifo in a
+    # subprocess); /dev/null and a socket show the same refusal without risking a hang.
+    path = unix_socket if kind == "socket" else Path("/dev/null")
+    described = "a socket" if kind == "socket" else "a character device"
+    with pytest.raises(ValueError, match=rf"corpus path {path} is {described}, not a regular file"):
+        load_corpus(str(path))
+    with pytest.raises(ValueError, match=rf"{path} is {described}"):
+        prepare_data(DataConfig(path=str(path)), seq_len=8)
+
+
+def test_a_tokenizer_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    corpus = load_corpus(str(write(tmp_path / "a.txt", SMALL_TEXT)))
+    for path in ("/dev/null", str(tmp_path)):
+        with pytest.raises(ValueError, match=rf"tokenizer file {path} is not a regular file"):
+            build_tokenizer(DataConfig(tokenizer=path), corpus)
+
+
+def test_a_fifo_inside_a_corpus_folder_is_refused_not_skipped(tmp_path):
+    write(tmp_path / "corpus" / "a.txt", SMALL_TEXT)
+    os.mkfifo(tmp_path / "corpus" / "b.txt")
+    (tmp_path / "corpus" / "c.txt").mkdir()  # a folder named like a text file is only a folder
+    with pytest.raises(ValueError, match=r"b\.txt in corpus folder \S+corpus is a fifo, not a regular file"):
+        load_corpus(str(tmp_path / "corpus"))
+    (tmp_path / "corpus" / "b.txt").unlink()
+    assert load_corpus(str(tmp_path / "corpus")).text == SMALL_TEXT
+
+
 # --- split ---------------------------------------------------------------------
 
 
@@ -244,6 +285,65 @@ def test_tokenizer_json_path_loads(bpe_setup):
     assert isinstance(loaded, HFTokenizer)
     assert loaded.vocab_size == bpe.vocab_size
     assert loaded.encode(VERSE) == bpe.encode(VERSE)
+
+
+def _bpe_pieces(tok: HFTokenizer, text: str) -> list[str]:
+    return [piece for piece, _ in tok._tok.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def test_bpe_piece_bound_leaves_ordinary_text_exactly_as_before(bpe_setup, tmp_path):
+    cfg, corpus = bpe_setup
+    bound = data.MAX_PIECE
+    # Runs one short of the bound, of letters and of spaces, are still ordinary text.
+    edge = f"{'x' * (bound - 1)}{' ' * (bound - 1)}end\n"
+    old_file, new_file = tmp_path / "old.json", tmp_path / "new.json"
+    data.train_bpe(corpus.text + edge, 320, old_file, max_piece=None)  # the recipe before the bound
+    data.train_bpe(corpus.text + edge, 320, new_file)
+    old, new = HFTokenizer(old_file), HFTokenizer(new_file)
+    assert json.loads(old_file.read_text())["model"] == json.loads(new_file.read_text())["model"]  # same vocab, merges
+    for text in (VERSE, SMALL_TEXT, edge, "unseen: Zebra quokka ÆØÅ 🎭 \t tabs\n\n  two  spaces"):
+        assert _bpe_pieces(new, text) == _bpe_pieces(old, text)
+        assert new.encode(text) == old.encode(text)
+    # One character more and the run is cut; the text still round-trips.
+    long = "y" * (2 * bound + 3) + " " * (bound + 1) + "z"
+    assert max(map(len, _bpe_pieces(new, long))) <= bound < max(map(len, _bpe_pieces(old, long)))
+    assert new.decode(new.encode(long)) == long
+
+
+def test_bpe_cache_name_changes_with_the_piece_bound(bpe_setup, monkeypatch):
+    cfg, corpus = bpe_setup
+    name = data.bpe_cache_path(cfg, corpus).name
+    monkeypatch.setattr(data, "MAX_PIECE", data.MAX_PIECE * 2)
+    assert data.bpe_cache_path(cfg, corpus).name != name  # a tokenizer cached by another recipe is not reused
+
+
+def _bpe_seconds(n: int, tmp_path: Path) -> float:
+    """Best of two: seconds to train a 320-token BPE on ``n`` letters without whitespace and encode them."""
+    text = "".join(random.Random(n).choices("abcdefghijklmnopqrstuvwxyz", k=n))
+    best = float("inf")
+    for attempt in range(2):
+        start = time.perf_counter()
+        data.train_bpe(text, 320, tmp_path / f"{n}-{attempt}.json")
+        tok = HFTokenizer(tmp_path / f"{n}-{attempt}.json")
+        assert tok.decode(tok.encode(text)) == text
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_bpe_on_text_without_whitespace_stays_linear(tmp_path):
+    # One unbroken "word" made BPE quadratic: 8x the text took ~45x the time (3 MB: hours). Linear is 8x.
+    small, large = _bpe_seconds(30_000, tmp_path), _bpe_seconds(240_000, tmp_path)
+    assert large < 20 * small + 0.5, f"30k characters: {small:.3f}s, 240k: {large:.3f}s"
+
+
+def test_build_tokenizer_says_when_it_trains(bpe_setup):
+    cfg, corpus = bpe_setup
+    said: list[str] = []
+    build_tokenizer(cfg, corpus, say=said.append)
+    assert len(said) == 2 and said[0].startswith("training BPE (320 tokens) on ") and "cached" in said[1]
+    said.clear()
+    build_tokenizer(cfg, corpus, say=said.append)  # cached: nothing long to announce
+    assert said == []
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ training from the raw corpus with the same tokenizer and val_fraction sees, memo
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -291,6 +292,109 @@ def test_a_corpus_folder_with_another_meta_json_is_still_a_corpus(tmp_path):
     write(tmp_path / "corpus" / "a.txt", TEXT)
     assert not is_prepared(tmp_path / "corpus")
     assert load_corpus(str(tmp_path / "corpus")).text == TEXT
+
+
+def edit_dtype_to_uint32(out: Path) -> None:
+    """meta.json's dtype edited to uint32 with the token counts halved, file sizes kept consistent (issue #22, row 13)."""
+    meta = json.loads((out / "meta.json").read_text())
+    for split in ("train", "val"):
+        file = out / f"{split}.bin"
+        if file.stat().st_size % 4:
+            with open(file, "ab") as f:
+                f.write(b"\0\0")
+        meta[f"{split}_tokens"] = file.stat().st_size // 4
+    (out / "meta.json").write_text(json.dumps({**meta, "dtype": "uint32"}))
+
+
+def test_a_dtype_that_is_not_the_vocabularys_is_refused_on_open(byte_prepared):
+    cfg, out = byte_prepared
+    edit_dtype_to_uint32(out)
+    with pytest.raises(ValueError, match=r"meta\.json says dtype uint32, but a vocabulary of 256 tokens is stored as uint16"):
+        prepare_data(cfg, SEQ)
+
+
+def replace_ids(file: Path, change) -> np.ndarray:
+    """Rewrite the uint16 ids of ``file`` in place (same size) with ``change(ids)``; return the new ids."""
+    ids = change(np.fromfile(file, dtype="<u2"))
+    ids.astype("<u2").tofile(file)
+    return ids
+
+
+def test_ids_beyond_the_vocabulary_are_refused_on_open(byte_prepared):
+    cfg, out = byte_prepared
+    replace_ids(out / "train.bin", lambda ids: np.where(np.arange(len(ids)) == 5, 256, ids))
+    with pytest.raises(ValueError, match=r"train\.bin: token id 256 at position 5 is outside the vocabulary \[0, 256\)"):
+        prepare_data(cfg, SEQ)
+
+
+def test_ids_beyond_the_vocabulary_are_caught_batch_by_batch(byte_prepared, monkeypatch):
+    cfg, out = byte_prepared
+    monkeypatch.setattr(shards, "OPEN_SCAN_TOKENS", 1, raising=False)  # as if the damage lay past the head a load checks
+    bad = 2 * SEQ + 5  # inside the third evaluation window
+    replace_ids(out / "val.bin", lambda ids: np.where(np.arange(len(ids)) == bad, 300, ids))
+    replace_ids(out / "train.bin", lambda ids: np.where(np.arange(len(ids)) > 0, ids + 256, ids))
+    loaded = prepare_data(cfg, SEQ)  # opens: the edits keep every size and the first id
+    with pytest.raises(ValueError, match=r"train\.bin: token id \d+ at position [\d,]+ is outside the vocabulary \[0, 256\)"
+                                         r".*prepare-data --verify"):
+        get_batch(loaded.train_ids, 4, SEQ, seed=0, step=0)
+    batches = iter_eval_batches(loaded.val_ids, 1, SEQ)
+    next(batches), next(batches)
+    with pytest.raises(ValueError, match=rf"val\.bin: token id 300 at position {bad} is outside"):
+        next(batches)
+
+
+def test_a_bin_truncated_under_a_live_run_is_an_error_not_a_bus_error(byte_prepared):
+    # In a subprocess: reading a mapped page past the end of a truncated file raises SIGBUS, which kills the process.
+    cfg, out = byte_prepared
+    script = f"""
+from mpirouter.trainer.data import DataConfig, get_batch, iter_eval_batches, prepare_data
+data = prepare_data(DataConfig(path={str(out)!r}), {SEQ})
+get_batch(data.train_ids, 4, {SEQ}, seed=0, step=0)
+for name, read in (("train", lambda: get_batch(data.train_ids, 4, {SEQ}, seed=0, step=1)),
+                   ("val", lambda: next(iter_eval_batches(data.val_ids, 4, {SEQ})))):
+    open({str(out)!r} + f"/{{name}}.bin", "r+b").truncate(0)
+    try:
+        read()
+    except ValueError as e:
+        print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(f"{name}.bin shrank to 0 bytes while in use" in line
+                                   for name, line in zip(("train", "val"), lines)), proc.stdout
+
+
+@pytest.mark.parametrize("damage", ["missing", "not-json", "a-folder", "not-ours"])
+def test_a_prepared_folder_without_a_usable_meta_json_names_it(byte_prepared, tmp_path, damage):
+    cfg, out = byte_prepared
+    meta = out / "meta.json"
+    meta.unlink()
+    if damage == "not-json":
+        meta.write_text('{"format": "mpirouter-tokens", "version": 1,')
+    elif damage == "a-folder":
+        meta.mkdir()
+    elif damage == "not-ours":
+        meta.write_text('{"format": "something else"}')
+    problem = {"missing": "is missing", "not-json": "is not valid JSON", "a-folder": "is a folder, not a regular file",
+               "not-ours": "is not an mpirouter prepared-data meta.json"}[damage]
+    expected = rf"prep holds train\.bin and val\.bin like a folder written by `mpirouter prepare-data`, but \S+meta\.json {problem}"
+    with pytest.raises(ValueError, match=expected):
+        prepare_data(cfg, SEQ)
+    with pytest.raises(ValueError, match=expected):
+        prepare_shards(replace(cfg, path=str(out)), tmp_path / "again")
+
+
+def test_prepare_shards_says_each_stage_and_is_quiet_by_default(tmp_path, capsys):
+    cfg = DataConfig(path=str(write(tmp_path / "corpus.txt", TEXT)), tokenizer="bpe", bpe_vocab_size=300,
+                     cache_dir=str(tmp_path / "cache"))
+    said: list[str] = []
+    meta = prepare_shards(cfg, tmp_path / "prep", say=said.append)
+    stages = ["reading the corpus", "training BPE", "cached the BPE", "tokenizing", "writing"]
+    assert [next((s for s in stages if line.startswith(s)), line) for line in said] == stages
+    assert f"writing {meta.train_tokens:,} train and {meta.val_tokens:,} validation tokens" in said[-1]
+    prepare_shards(cfg, tmp_path / "again")
+    assert capsys.readouterr() == ("", "")
 
 
 # --- HF datasets input (optional) -----------------------------------------------------------------

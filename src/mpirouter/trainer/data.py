@@ -19,16 +19,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
 
 from ..common.config import check_number, show_value
 from .corpora import DOC_SEPARATOR, NAMED_CORPORA, Corpus, _make_corpus, _read_utf8, embedded_corpus, kjv_corpus
-from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, default_cache_dir, train_bpe
-from .shards import (TOKENIZER_FILE, ShardsMeta, ShardsSource, check_new_folder, file_sha256, is_prepared, open_shards,
-                     write_shards)
+from .tokenizers import MAX_PIECE, ByteTokenizer, HFTokenizer, Tokenizer, default_cache_dir, train_bpe
+from .shards import (TOKENIZER_FILE, ShardsMeta, ShardsSource, check_new_folder, file_sha256, ids_guard, is_prepared,
+                     open_shards, prepared_meta_problem, special_file_kind, write_shards)
 
 __all__ = [
     "DataConfig",
@@ -161,6 +161,20 @@ def _read_file(path: Path, jsonl_field: str) -> list[str]:
     return [_read_utf8(path)]
 
 
+def _corpus_files(folder: Path) -> list[Path]:
+    """The corpus files under ``folder``, sorted by relative path; ValueError for one that is a fifo, socket or device."""
+    files = []
+    for f in folder.rglob("*"):
+        if f.suffix.lower() not in (*TEXT_SUFFIXES, JSONL_SUFFIX, *DATASETS_SUFFIXES):
+            continue
+        # Refused, not skipped: reading a fifo blocks and a device never ends, and a file left out silently is lost.
+        if kind := special_file_kind(f):
+            raise ValueError(f"{f} in corpus folder {folder} is {kind}, not a regular file; move it out of the folder")
+        if f.is_file():
+            files.append(f)
+    return sorted(files, key=lambda f: f.relative_to(folder).as_posix())
+
+
 def _refuse_ambiguous_name(path: str | None) -> None:
     if path in NAMED_CORPORA and Path(path).exists():
         raise ValueError(f"--data {path} names a packaged corpus and a file or folder here; pass ./{path} for the file")
@@ -184,11 +198,12 @@ def load_corpus(path: str | None = None, jsonl_field: str = "text") -> Corpus:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"corpus path does not exist: {p}")
+    if kind := special_file_kind(p):  # reading a fifo blocks forever, /dev/zero never ends
+        raise ValueError(f"corpus path {p} is {kind}, not a regular file; pass a file, a folder of files, or a corpus name")
     if p.is_dir():
-        files = sorted(
-            (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*TEXT_SUFFIXES, JSONL_SUFFIX, *DATASETS_SUFFIXES)),
-            key=lambda f: f.relative_to(p).as_posix(),
-        )
+        files = _corpus_files(p)
+        if not files and (problem := prepared_meta_problem(p)):  # a damaged prepared folder, not an empty corpus
+            raise ValueError(problem)
         if not files:
             raise ValueError(f"no .txt, .md or .jsonl files (nor .parquet or .arrow) found under directory {p}")
         docs = [doc for f in files for doc in _read_file(f, jsonl_field)]
@@ -224,14 +239,19 @@ def bpe_cache_path(cfg: DataConfig, corpus: Corpus) -> Path:
 
     ``val_fraction`` is part of the name because it changes the training
     text; reusing a tokenizer trained on another split would leak validation
-    text into the vocabulary.
+    text into the vocabulary. So is the recipe's piece bound (tokenizers.MAX_PIECE): tokenizers
+    cached before it existed (names without "-piece") are not reused for a corpus with longer runs.
     """
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    return cache / f"bpe-{cfg.bpe_vocab_size}-{corpus.sha256[:16]}-val{cfg.val_fraction:g}.json"
+    return cache / f"bpe-{cfg.bpe_vocab_size}-{corpus.sha256[:16]}-val{cfg.val_fraction:g}-piece{MAX_PIECE}.json"
 
 
-def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
-    """Return the tokenizer named by ``cfg.tokenizer``, training BPE if needed."""
+def _quiet(message: str) -> None:
+    """Say nothing (the default progress callback)."""
+
+
+def build_tokenizer(cfg: DataConfig, corpus: Corpus, say: Callable[[str], None] = _quiet) -> Tokenizer:
+    """Return the tokenizer named by ``cfg.tokenizer``, training BPE if needed (``say`` hears when it trains)."""
     spec = cfg.tokenizer
     if spec == "byte":
         return ByteTokenizer()
@@ -241,7 +261,9 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
         path = bpe_cache_path(cfg, corpus)
         if not path.is_file():
             train_text, _ = split_text(corpus.text, cfg.val_fraction)
-            train_bpe(train_text, cfg.bpe_vocab_size, path)
+            say(f"training BPE ({cfg.bpe_vocab_size:,} tokens) on {len(train_text):,} characters …")
+            train_bpe(train_text, cfg.bpe_vocab_size, path, max_piece=MAX_PIECE)  # the bound its cache name records
+            say(f"cached the BPE tokenizer as {path}")
         return HFTokenizer(path, name=f"bpe-{cfg.bpe_vocab_size} ({path.name})")
     if spec.endswith(".json") or os.sep in spec or Path(spec).expanduser().exists():
         return HFTokenizer(spec)
@@ -320,27 +342,31 @@ def _encode_array(tok: Tokenizer, text: str) -> np.ndarray:
     return _encode_ids(tok, text).numpy()
 
 
-def prepare_shards(cfg: DataConfig, out: str | os.PathLike) -> ShardsMeta:
+def prepare_shards(cfg: DataConfig, out: str | os.PathLike, say: Callable[[str], None] = _quiet) -> ShardsMeta:
     """Tokenize ``cfg``'s corpus once into the prepared folder ``out`` (train.bin, val.bin, meta.json, tokenizer.json).
 
     Split and tokenizer are exactly prepare_data's, so ``DataConfig(path=out, ...)`` with the same
     tokenizer settings yields the same ids, memory-mapped. ``out`` must be new or an empty folder.
+    ``say`` is called with one line as each stage starts (reading, training a BPE, tokenizing, writing).
     """
     check_new_folder(out)  # before minutes of tokenizing, not after
     _refuse_ambiguous_name(cfg.path)
     if cfg.path is not None and is_prepared(cfg.path):
         raise ValueError(f"{cfg.path} is already prepared data; pass the corpus it was prepared from")
+    say(f"reading the corpus {cfg.path or 'shakespeare'} …")
     corpus = load_corpus(cfg.path, cfg.jsonl_field)
     train_text, val_text = split_text(corpus.text, cfg.val_fraction)
-    tok = build_tokenizer(cfg, corpus)
+    tok = build_tokenizer(cfg, corpus, say)
+    say(f"tokenizing {len(train_text):,} train and {len(val_text):,} validation characters with {tok.name} …")
+    train_ids, val_ids = _encode_array(tok, train_text), _encode_array(tok, val_text)
+    say(f"writing {len(train_ids):,} train and {len(val_ids):,} validation tokens to {out} …")
     kind = _tokenizer_kind(cfg.tokenizer)
     source = ShardsSource(
         corpus=corpus.name, corpus_sha256=corpus.sha256, corpus_documents=corpus.num_documents, tokenizer=tok.name,
         tokenizer_kind=kind, vocab_size=tok.vocab_size, bpe_vocab_size=cfg.bpe_vocab_size if kind == "bpe" else None,
         val_fraction=cfg.val_fraction, jsonl_field=cfg.jsonl_field,
     )
-    return write_shards(out, _encode_array(tok, train_text), _encode_array(tok, val_text), source,
-                        tokenizer_file=getattr(tok, "path", None))
+    return write_shards(out, train_ids, val_ids, source, tokenizer_file=getattr(tok, "path", None))
 
 
 def prepared_flags(path: str | os.PathLike, meta: ShardsMeta) -> list[str]:
@@ -413,6 +439,21 @@ def _check_ids(ids: torch.Tensor, seq_len: int) -> None:
         raise ValueError(f"need at least seq_len+1={seq_len + 1} tokens, got {ids.numel()}")
 
 
+def _read_windows(ids: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``ids[idx]`` as int64; ids memory-mapped from a prepared folder are checked first (size) and after (vocabulary).
+
+    The checks cost microseconds a batch (fstat and a max over the batch), far less than reading it,
+    and catch what checks on open cannot: a file truncated or edited while a run maps it.
+    """
+    guard = ids_guard(ids)
+    if guard is not None:
+        guard.check_size()  # reading a page past a truncated file's end would kill the process with SIGBUS
+    windows = ids[idx].to(torch.int64)
+    if guard is not None:
+        guard.check_ids(windows, idx)
+    return windows
+
+
 def _batch_seed(seed: int, step: int) -> int:
     # Hashing (seed, step) rather than seed * K + step keeps distinct pairs
     # from colliding and fits manual_seed's 64-bit range for any ints.
@@ -443,7 +484,7 @@ def get_batch(
     gen = torch.Generator().manual_seed(_batch_seed(seed, step))
     starts = torch.randint(0, ids.numel() - seq_len, (batch_size * world,), generator=gen)[rank * batch_size:(rank + 1) * batch_size]
     idx = starts[:, None] + torch.arange(seq_len + 1)
-    windows = ids[idx.to(ids.device)].to(torch.int64)
+    windows = _read_windows(ids, idx.to(ids.device))
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
@@ -468,5 +509,5 @@ def iter_eval_batches(
         if max_batches is not None and b >= max_batches:
             return
         starts = torch.arange(first, min(first + batch_size, num_windows), device=ids.device) * seq_len
-        windows = ids[starts[:, None] + offsets].to(torch.int64)
+        windows = _read_windows(ids, starts[:, None] + offsets)
         yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

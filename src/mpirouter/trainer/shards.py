@@ -11,15 +11,24 @@ all processes on a node share, and only the windows a batch touches are ever rea
 
 This module knows the file format only; `data.prepare_shards` produces the tokens and
 `data.prepare_data` loads a folder into TokenData.
+
+A folder must not change while a run maps it. What is checked, and when: on open, meta.json's
+fields, each file's size, and the ids at the head of each file; on every batch (get_batch,
+iter_eval_batches: IdsGuard), that the file has not shrunk and that the batch's ids are inside the
+vocabulary; checksums only by verify_shards. A file truncated between a batch's size check and its
+read still kills the process with SIGBUS (exit 135, no message): the OS's answer to reading a
+mapped page past the end of a file, which Python cannot turn into an exception.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import shutil
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +59,10 @@ __all__ = [
     "open_shards",
     "verify_shards",
     "file_sha256",
+    "IdsGuard",
+    "ids_guard",
+    "prepared_meta_problem",
+    "special_file_kind",
 ]
 
 FORMAT = "mpirouter-tokens"
@@ -63,6 +76,10 @@ MIN_TOKENS = 2
 """Fewest tokens a split may have: one (input, target) pair."""
 _CHUNK = 1 << 22
 """Tokens converted and hashed at a time while writing: bounds the extra memory to a few MB."""
+OPEN_SCAN_TOKENS = 1 << 20
+"""Ids at the head of each .bin file checked against the vocabulary on open (a few MB, milliseconds);
+the rest are checked batch by batch as they are read (IdsGuard)."""
+_GUARD_ATTR = "_mpirouter_ids_guard"
 
 
 @dataclass(frozen=True)
@@ -158,8 +175,31 @@ def check_new_folder(out: str | os.PathLike) -> Path:
     return p
 
 
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is ("a fifo", "a socket", "a character device", ...) when it exists but is neither a regular file
+    nor a folder; None otherwise. Reading a fifo blocks until someone writes, and a device like /dev/zero never ends."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None  # missing or unreachable: the caller's own open says so
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _check_regular(file: Path) -> None:
+    """ValueError when ``file`` is a fifo, socket, device or folder: no file to read."""
+    if kind := special_file_kind(file):
+        raise ValueError(f"{file} is {kind}, not a regular file")
+    if file.is_dir():
+        raise ValueError(f"{file} is a folder, not a regular file")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MB blocks."""
+    """Hex SHA-256 of a file, read in 1 MB blocks (ValueError for a fifo or device, which could block or never end)."""
+    _check_regular(Path(path))
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -227,60 +267,166 @@ def write_shards(out: str | os.PathLike, train_ids: np.ndarray, val_ids: np.ndar
     return meta
 
 
+def _meta_json(file: Path) -> object:
+    """The parsed JSON of ``file``; FileNotFoundError when it is missing, ValueError naming any other problem."""
+    _check_regular(file)
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{file} cannot be read ({e.strerror})") from None
+
+
+def prepared_meta_problem(path: str | os.PathLike) -> str | None:
+    """Why the folder ``path``, which holds train.bin or val.bin, is no usable prepared folder: its meta.json's problem.
+
+    None when neither .bin file is there or meta.json marks the folder as prepared. Lets a caller that
+    found no corpus in ``path`` name meta.json instead of saying the folder holds no text.
+    """
+    p = Path(path).expanduser()
+    found = [name for name in (TRAIN_FILE, VAL_FILE) if (p / name).exists()]
+    if not found:
+        return None
+    file = p / META_FILE
+    try:
+        raw = _meta_json(file)
+    except FileNotFoundError:
+        problem = f"{file} is missing"
+    except ValueError as e:
+        problem = str(e)
+    else:
+        if isinstance(raw, dict) and raw.get("format") == FORMAT:
+            return None
+        problem = f"{file} is not an mpirouter prepared-data meta.json (no \"format\": \"{FORMAT}\")"
+    return (f"{p} holds {' and '.join(found)} like a folder written by `mpirouter prepare-data`, but {problem}; "
+            f"prepare the folder again from its corpus")
+
+
 def read_meta(path: str | os.PathLike) -> ShardsMeta:
     """The meta.json of the prepared folder ``path``, type-checked; ValueError naming the problem otherwise."""
     file = Path(path).expanduser() / META_FILE
     try:
-        raw = json.loads(file.read_text())
+        raw = _meta_json(file)
     except FileNotFoundError:
         raise FileNotFoundError(f"{file} not found: {file.parent} is not a prepared folder (mpirouter prepare-data)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e}); prepare the folder again") from None
+    except ValueError as e:
+        raise ValueError(f"{e}; prepare the folder again") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"{file} is not an mpirouter prepared-data meta.json (no \"format\": \"{FORMAT}\")")
     if raw.get("version") != FORMAT_VERSION:
         raise ValueError(f"{file} has format version {raw.get('version')!r}; this mpirouter reads version "
                          f"{FORMAT_VERSION}: prepare the folder again with this version")
     try:
-        return from_dict(ShardsMeta, raw)
+        meta = from_dict(ShardsMeta, raw)
     except (TypeError, ValueError) as e:  # TypeError: a required field is missing
         raise ValueError(f"{file}: {e}") from None
+    _check_meta(file, meta)
+    return meta
 
 
-def _open_bin(file: Path, tokens: int, dtype: str) -> torch.Tensor:
+def _check_meta(file: Path, meta: ShardsMeta) -> None:
+    """ValueError when meta.json's fields contradict each other (an edit that keeps the file sizes consistent)."""
+    vocab = meta.source.vocab_size
+    try:
+        expected = token_dtype(vocab)
+    except ValueError as e:
+        raise ValueError(f"{file}: source.{e}") from None
+    # write_shards always stores the narrowest type: any other was edited in, and would read ids beyond the vocabulary.
+    if meta.dtype != expected:
+        raise ValueError(f"{file} says dtype {meta.dtype}, but a vocabulary of {vocab:,} tokens is stored as {expected}: "
+                         f"meta.json was edited or damaged; prepare the folder again")
+    for name in ("train_tokens", "val_tokens"):
+        if getattr(meta, name) < MIN_TOKENS:
+            raise ValueError(f"{file}: {name} is {getattr(meta, name)}, a prepared split has at least {MIN_TOKENS}; "
+                             f"prepare the folder again")
+
+
+class IdsGuard:
+    """The checks made on every batch read from a memory-mapped .bin file, before its ids reach a model.
+
+    Reading a mapped page past the end of a file raises SIGBUS, so the file's size is checked (fstat on
+    the map's own descriptor: microseconds, and a folder replaced by a rename, whose old file stays
+    mapped, is not mistaken for a truncation) before each read; ids at or beyond the vocabulary would
+    fail in the embedding (IndexError on CPU, a device-side assert on GPU), so each batch's ids are
+    compared with it after.
+    """
+
+    def __init__(self, file: Path, mapped: mmap.mmap, nbytes: int, vocab_size: int):
+        self.file, self._mapped, self.nbytes, self.vocab_size = file, mapped, nbytes, vocab_size
+
+    def check_size(self) -> None:
+        """ValueError when the file has shrunk below the size it was opened with."""
+        size = self._mapped.size()  # the file's current size, not the map's
+        if size < self.nbytes:
+            raise ValueError(f"{self.file} shrank to {size:,} bytes while in use ({self.nbytes:,} when opened): something "
+                             f"truncated or rewrote it; a prepared folder must not change under a run, so prepare a new one")
+
+    def check_ids(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """ValueError naming the first id in ``ids`` outside the vocabulary; ``positions`` are their places in the file."""
+        if ids.numel() == 0 or int(ids.max()) < self.vocab_size:
+            return
+        first = int((ids >= self.vocab_size).flatten().nonzero()[0])
+        raise ValueError(
+            f"{self.file}: token id {int(ids.flatten()[first]):,} at position {int(positions.flatten()[first]):,} is outside "
+            f"the vocabulary [0, {self.vocab_size:,}): the file was damaged or edited after it was prepared "
+            f"(`mpirouter prepare-data --verify {self.file.parent}` checks every file); prepare the folder again")
+
+
+def ids_guard(ids: torch.Tensor) -> IdsGuard | None:
+    """The IdsGuard of ids memory-mapped by open_shards; None for any other tensor (ids tokenized in memory are trusted)."""
+    return getattr(ids, _GUARD_ATTR, None)
+
+
+def _open_bin(file: Path, tokens: int, dtype: str, vocab_size: int, scan: bool) -> torch.Tensor:
+    """``file``'s ``tokens`` ids, memory-mapped read-only, carrying their IdsGuard; ``scan``: check the head's ids now."""
     np_dtype = DTYPES[dtype]
     try:
-        size = file.stat().st_size
+        mode, size = (st := file.stat()).st_mode, st.st_size
     except FileNotFoundError:
         raise FileNotFoundError(f"{file} is missing; prepare the folder again") from None
+    if not stat.S_ISREG(mode):  # opening a fifo would block
+        raise ValueError(f"{file} is {special_file_kind(file) or 'a folder'}, not a regular file; prepare the folder again")
     # Cheap check on every open: a truncated copy or a partly-synced file is caught before training on it.
     if size != tokens * np_dtype.itemsize:
         raise ValueError(f"{file} has {size:,} bytes but meta.json says {tokens:,} {dtype} tokens "
                          f"({tokens * np_dtype.itemsize:,} bytes): the folder is incomplete or damaged; prepare it again")
-    array = np.memmap(file, dtype=np_dtype, mode="r", shape=(tokens,))
+    with open(file, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)  # keeps its own descriptor: IdsGuard fstats it
+    array = np.frombuffer(mapped, dtype=np_dtype, count=tokens)
+    guard = IdsGuard(file, mapped, size, vocab_size)
+    head = array[:OPEN_SCAN_TOKENS]
+    if scan and int(head.max()) >= vocab_size:
+        guard.check_ids(torch.from_numpy(head.astype(np.int64)), torch.arange(len(head)))
     with warnings.catch_warnings():
         # Read-only on purpose: the ids are shared through the page cache and nothing may write into them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
+        ids = torch.from_numpy(array)
+    setattr(ids, _GUARD_ATTR, guard)  # get_batch's signature stays as it is; the ids carry their own checks
+    return ids
 
 
-def open_shards(path: str | os.PathLike) -> Shards:
+def open_shards(path: str | os.PathLike, scan: bool = True) -> Shards:
     """Memory-map a prepared folder (no copy: pages are read when a batch touches them).
 
-    File sizes are checked against meta.json; checksums are not (see verify_shards).
+    File sizes are checked against meta.json, and (``scan``) the first OPEN_SCAN_TOKENS ids of each
+    file against the vocabulary; checksums are not (see verify_shards).
     """
     p = Path(path).expanduser()
     meta = read_meta(p)
-    return Shards(train_ids=_open_bin(p / TRAIN_FILE, meta.train_tokens, meta.dtype),
-                  val_ids=_open_bin(p / VAL_FILE, meta.val_tokens, meta.dtype), meta=meta, path=p)
+    vocab = meta.source.vocab_size
+    return Shards(train_ids=_open_bin(p / TRAIN_FILE, meta.train_tokens, meta.dtype, vocab, scan),
+                  val_ids=_open_bin(p / VAL_FILE, meta.val_tokens, meta.dtype, vocab, scan), meta=meta, path=p)
 
 
 def verify_shards(path: str | os.PathLike) -> ShardsMeta:
     """Check every file's SHA-256 against meta.json (reads the whole folder); ValueError naming the first mismatch."""
-    shards = open_shards(path)
+    shards = open_shards(path, scan=False)  # a changed id is reported as the checksum mismatch it also is
     for name, expected in shards.meta.sha256.items():
         file = shards.path / name
-        if not file.is_file():
+        if not file.exists():  # a fifo or device is refused by file_sha256
             raise FileNotFoundError(f"{file} is missing; prepare the folder again")
         if file_sha256(file) != expected:
             raise ValueError(f"{file} does not match its sha256 in meta.json: the file changed or is damaged; "

@@ -60,6 +60,8 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike, name: str | None = None):
         p = Path(path).expanduser()
         if not p.is_file():
+            if p.exists():  # a folder, or a fifo or device that would block or never end when read
+                raise ValueError(f"tokenizer file {p} is not a regular file")
             raise FileNotFoundError(f"tokenizer file not found: {p}")
         tokenizers = import_tokenizers()
         try:
@@ -81,14 +83,38 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mpirouter"
 
 
-def train_bpe(text: str, vocab_size: int, out: Path) -> None:
+MAX_PIECE = 256
+"""Longest run of non-whitespace (or of whitespace) characters a trained BPE sees as one piece; longer runs are cut.
+
+BPE training and encoding cost grows with the square of a piece's length, so a corpus without
+whitespace (one 3 MB "word") took hours; words shorter than this are pre-tokenized exactly as before."""
+
+
+def bpe_pre_tokenizer(max_piece: int | None = MAX_PIECE):
+    """The byte-level pre-tokenizer of `train_bpe`: GPT-2's split, after cutting runs of ``max_piece`` characters (None: uncut)."""
+    import_tokenizers()
+    from tokenizers import Regex, pre_tokenizers
+
+    # No prefix space: every string encodes (no <unk>) and decode(encode(s)) == s exactly.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if max_piece is None:
+        return byte_level
+    # "isolated" keeps each matched run of exactly max_piece characters as its own piece; text without
+    # such runs is one unmatched piece, which ByteLevel then splits as if nothing had run before it.
+    cut = pre_tokenizers.Split(Regex(rf"\S{{{max_piece}}}|\s{{{max_piece}}}"), behavior="isolated")
+    return pre_tokenizers.Sequence([cut, byte_level])
+
+
+def train_bpe(text: str, vocab_size: int, out: Path, max_piece: int | None = MAX_PIECE) -> None:
+    """Train a byte-level BPE of ``vocab_size`` tokens on ``text`` and save it (atomically) as the tokenizer.json ``out``.
+
+    ``max_piece`` bounds the pre-tokenized pieces (bpe_pre_tokenizer); name the cache after it.
+    """
     tokenizers = import_tokenizers()
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    # Byte-level with no normaliser and no prefix space: every string encodes
-    # (no <unk>) and decode(encode(s)) == s exactly.
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = bpe_pre_tokenizer(max_piece)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
