@@ -50,6 +50,13 @@ def small_cfg(out, **kw) -> CompareConfig:
     return CompareConfig(**base)
 
 
+def earlier_call(cfg: CompareConfig) -> None:
+    """The session record an earlier (interrupted) compare call left in its folder, as `run_grid` writes it."""
+    path = Path(cfg.out_dir) / "sessions" / "20000101-000000-000000000-1.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"command": command_line(cfg), "config": to_dict(cfg), "runs_trained": []}))
+
+
 def snapshot(run_dir: Path) -> tuple[int, str]:
     path = run_dir / "metrics.jsonl"
     return path.stat().st_mtime_ns, path.read_text()
@@ -291,6 +298,7 @@ def test_run_stopped_before_its_first_checkpoint_restarts_and_a_locked_run_is_sk
     from mpirouter.trainer.rundir import RunLock
 
     cfg = small_cfg(tmp_path / "g", routers=["linear"], seeds=[0, 1])
+    earlier_call(cfg)
     first, second = grid_runs(cfg)
     first.run_dir.mkdir(parents=True)
     (first.run_dir / "config.json").write_text(json.dumps(to_dict(first.config)))
@@ -305,3 +313,124 @@ def test_run_stopped_before_its_first_checkpoint_restarts_and_a_locked_run_is_sk
     assert "linear seed 1 [adamw lr 0.01]: being trained by another process, skipped" in log.getvalue()
     report = json.loads((tmp_path / "g" / "report.json").read_text())
     assert [r["seeds"] for s in report["sections"] for r in s["rows"]] == [[0]]  # the moved-aside start is not a run
+
+
+# ----------------------------------------------------------------------------- nothing lost (issue #22)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_compare_refuses_a_non_empty_folder_that_is_not_a_compare_folder(tmp_path, data):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.md").write_text("mine\n")
+    (notes / "todo.txt").write_text("x\n")
+    mine = _tree(notes)
+    tiny = dict(routers=["linear"], seeds=[0], steps=2, eval_every=2, ckpt_every=0)
+    with pytest.raises(FileExistsError, match="is not a compare folder"):
+        run_grid(small_cfg(notes, **tiny), data=data)
+    assert _tree(notes) == mine
+    # a sessions/ folder of another shape is not our marker
+    (notes / "sessions").mkdir()
+    (notes / "sessions" / "a.json").write_text(json.dumps({"command": "my own notes", "config": {}}))
+    with pytest.raises(FileExistsError, match="is not a compare folder"):
+        run_grid(small_cfg(notes, **tiny), data=data)
+    assert not (notes / "debug").exists()
+
+
+def test_report_only_never_writes_over_a_users_files_in_a_folder_that_is_not_a_compare_folder(grid, tmp_path):
+    pool = tmp_path / "pool"
+    shutil.copytree(grid["out"] / "debug", pool / "grid" / "debug")  # run folders, but no marker of ours at the top
+    (pool / "report.md").write_text("my notes\n")
+    args = _parser().parse_args(["--out", str(pool), "--report-only"])
+    with pytest.raises(FileExistsError, match="report.md was not written by mpirouter compare"):
+        cli_main(args)
+    assert (pool / "report.md").read_text() == "my notes\n" and not list(pool.glob("*.png"))
+    (pool / "report.md").unlink()
+    assert cli_main(args) == 0 and cli_main(args) == 0  # the second call replaces only what the first one wrote
+    assert "| mpi C'=1 | 2 |" in (pool / "report.md").read_text() and len(list(pool.glob("*.png"))) == 4
+
+
+BAD_FLAGS = [["--limit", "-1"], ["--limit", "0"], ["--steps", "0"], ["--batch-size", "0"], ["--eval-every", "-1"],
+             ["--eval-batches", "0"], ["--ckpt-every", "-1"], ["--warmup-steps", "-1"]]
+
+
+@pytest.mark.parametrize("flag", BAD_FLAGS, ids=[" ".join(f) for f in BAD_FLAGS])
+def test_bad_numeric_flags_are_refused_before_anything_is_created(tmp_path, flag):
+    out = tmp_path / "g"
+    args = _parser().parse_args(["--routers", "linear", "--seeds", "0", "--preset", "debug", "--steps", "2", "--no-progress",
+                                 "--out", str(out), "--set", "model.max_seq_len=16", *flag])
+    with pytest.raises(ValueError, match=f"{flag[0]} must be >= "):
+        cli_main(args)
+    assert not out.exists()
+
+
+def test_a_bad_limit_is_one_line_on_the_command_line(tmp_path, capsys):
+    from mpirouter.cli import main
+
+    assert main(["compare", "--limit", "-1", "--preset", "debug", "--out", str(tmp_path / "g")]) == 2
+    assert capsys.readouterr().err == "mpirouter compare: error: compare: --limit must be >= 1, got -1\n"
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_half_finished_run_that_another_process_trains_is_skipped_not_resumed(tmp_path, data):
+    from mpirouter.trainer.rundir import RunLock
+
+    cfg = small_cfg(tmp_path / "g", routers=["linear"], seeds=[0], steps=4, eval_every=2)
+    earlier_call(cfg)  # the first of two identical compare calls, now training the run
+    (run,) = grid_runs(cfg)
+    train(run.config, data=data, stop_at=2)
+    assert run_status(run.run_dir, 4) == ("partial", 2)
+    log = io.StringIO()
+    with RunLock(run.run_dir), contextlib.redirect_stdout(log):
+        run_grid(cfg, data=data)
+    assert "run 1/1: linear seed 0 [adamw lr 0.01]: being trained by another process, skipped" in log.getvalue()
+    assert "resuming" not in log.getvalue()
+    assert run_status(run.run_dir, 4) == ("partial", 2)
+
+
+def test_report_only_on_a_full_disk_leaves_no_partial_file_and_says_so_in_one_line(grid, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from mpirouter.cli import main
+
+    out = tmp_path / "grid"
+    shutil.copytree(grid["out"], out)
+    for png in out.glob("*.png"):
+        png.unlink()
+    before = _tree(out)
+
+    def full_disk(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG\r\n\x1a\n")  # the first bytes made it, the rest did not
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    assert main(["compare", "--out", str(out), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mpirouter compare: error: No space left on device: ") and ".png" in err
+    assert _tree(out) == before  # no truncated plot, no temporary file, the old report as it was
+
+
+def test_a_grid_that_cannot_record_its_call_leaves_no_folder_behind(tmp_path, data, monkeypatch):
+    """Else the retry would find a non-empty folder without a session of ours and refuse it."""
+    import errno
+
+    from mpirouter.experiments import compare
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(compare, "atomic_write_text", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_grid(small_cfg(tmp_path / "runs" / "g", routers=["linear"], seeds=[0], steps=2), data=data)
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
 """Report numbers by hand: the per-section table, the lr-sweep table (each router at its own best lr), one
 estimator per validation curve, the paired per-seed speed-up and the Holm adjustment across a report."""
 
+import json
 import math
 from pathlib import Path
 
@@ -149,3 +150,62 @@ def test_sweep_without_a_linear_run_says_so():
     rows = summarize_sweep({1.0: [fake_run("mpi", 0, [9.0, 3.0])], 2.0: [fake_run("mpi", 0, [9.0, 2.0])]})
     assert rows[0]["best_lr"] == 2.0 and rows[0]["diff"] is None
     assert "no linear run" in format_sweep(rows)
+
+
+# ----------------------------------------------------------------------------- runs that may not be pooled
+
+
+def write_run(folder, router, seed, losses, steps):
+    """A finished run folder as `mpirouter compare` leaves it: config.json, metrics.jsonl with evals at steps/2 and steps."""
+    from mpirouter.common.config import to_dict
+    from mpirouter.experiments.compare import CompareConfig, run_config
+
+    cfg = CompareConfig(routers=[router], seeds=[seed], preset="debug", steps=steps, batch_size=8, lrs=[1e-2], eval_batches=None,
+                        out_dir=str(folder), progress=False)
+    config = run_config(cfg, router, seed, "adamw", None if router == "linear" else 1.0, 1e-2)
+    run_dir = Path(config.out_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(config)))
+    evals = [{"event": "eval", "step": s, "tokens": 100 * s, "val_loss": v, "maxvio": 0.1, "align": 0.5, "align_raw": 0.4,
+              "align_layers": [0.4, 0.6], "align_raw_layers": [0.3, 0.5]} for s, v in zip((steps // 2, steps), losses)]
+    records = [{"event": "start", "step": 0, "world_size": 1}, *evals, {"event": "timing", "step": steps, "step_ms": 10.0, "router_ms": 0.1}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    from mpirouter.experiments import report
+
+    monkeypatch.setattr(report, "pyplot", lambda: None)
+
+
+def test_runs_with_other_steps_get_their_own_section_named_by_the_difference(tmp_path, no_plots):
+    from mpirouter.experiments.report import write_report
+
+    for grid, steps, base in (("long", 60, 2.0), ("short", 40, 3.0)):
+        for seed in (0, 1):
+            write_run(tmp_path / "mix" / grid, "linear", seed, [base + 1, base + 0.1 * seed], steps)
+            write_run(tmp_path / "mix" / grid, "mpi", seed, [base + 1, base - 0.1 + 0.1 * seed], steps)
+    text = write_report(tmp_path / "mix").read_text()
+    lines = text.splitlines()
+    titles = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    assert [lines[i] for i in titles] == ["## preset `debug`, optimizer `adamw`, steps=40, schedule.warmup_steps=4",
+                                          "## preset `debug`, optimizer `adamw`, steps=60, schedule.warmup_steps=6"]
+    assert [lines[i + 2].split(" × ")[0] for i in titles] == ["40 steps", "60 steps"]  # each header is its own runs'
+    sections = json.loads((tmp_path / "mix" / "report.json").read_text())["sections"]
+    assert [s["differs"] for s in sections] == [{"steps": 40, "schedule.warmup_steps": 4}, {"steps": 60, "schedule.warmup_steps": 6}]
+    assert [[r["val_loss"][0] for r in s["rows"]] for s in sections] == [[pytest.approx(3.05), pytest.approx(2.95)],
+                                                                        [pytest.approx(2.05), pytest.approx(1.95)]]
+    assert [s["rows"][1]["diff_n"] for s in sections] == [2, 2]  # paired within its section only
+
+
+def test_two_runs_of_one_variant_and_seed_are_refused_naming_both_folders(tmp_path, no_plots):
+    from mpirouter.experiments.report import write_report
+
+    first = write_run(tmp_path / "mix" / "a", "mpi", 0, [3.0, 2.0], 40)
+    copy = write_run(tmp_path / "mix" / "b", "mpi", 0, [3.0, 2.5], 40)
+    with pytest.raises(ValueError, match="are both mpi C'=1 seed 0 with the same config") as e:
+        write_report(tmp_path / "mix")
+    assert str(first) in str(e.value) and str(copy) in str(e.value)
+    assert not (tmp_path / "mix" / "report.md").exists()

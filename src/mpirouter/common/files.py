@@ -1,10 +1,11 @@
 """Crash-safe small-file writes: write beside, flush, rename into place, flush the folder.
 
-    from mpirouter.common.files import atomic_write_text
+    from mpirouter.common.files import atomic_write_text, replacing
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,17 +24,36 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see either the old or the new content.
+@contextlib.contextmanager
+def replacing(path: Path):
+    """Yield a temporary sibling of `path` to write; on success rename it into place, on failure remove it.
 
-    The temporary name carries the pid, so processes writing the same file never share it."""
+    Readers see either the old file or the whole new one, and a failed write (a full disk) leaves no
+    half-written file behind. The temporary name carries the pid, so processes writing the same file
+    never share it."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # best effort: the error worth reporting is the write's
+        # a failed write(2) names no file, and "No space left on device" alone does not say where
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that readers see either the old or the new content (see `replacing`)."""
+    with replacing(path) as tmp, open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def fsync_files(folder: Path) -> None:

@@ -16,9 +16,12 @@ that ignore C'; `-lr{lr}` when the lr is given rather than the optimizer's defau
 target other than the gate; `{cell}` names the `--vary` values, e.g. `score_func=sigmoid,balance=bias`).
 Each `--vary` cell is a section of the report with its own linear baseline. Several compare processes may
 share one output folder when their grids are disjoint (e.g. split by seeds, one process per core):
-each call records itself in its own `sessions/*.json`. The report (`report.md`, `report.json`, PNG
+each call records itself in its own `sessions/*.json`, and a run another process is training is skipped.
+`--out` must be absent, empty, or a compare folder (one holding those session records, or a legacy
+grid.json): any other folder is the user's and is refused. The report (`report.md`, `report.json`, PNG
 plots) is rebuilt from the run folders alone; with several lrs it adds a sweep table that compares
-every router at its own best lr.
+every router at its own best lr. Runs that differ in more than the grid's axes (steps, batch, corpus, model,
+...) get report sections of their own.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common.config import apply_overrides, flatten, to_dict
+from ..common.config import apply_overrides, check_number, flatten, to_dict
 from ..common.files import atomic_write_text
 from ..common.provenance import environment
 from ..core.model import preset_config
@@ -47,9 +50,10 @@ from ..trainer.data import DataConfig, prepare_data
 from ..trainer.device import resolve_device
 from ..trainer.loop import train
 from ..trainer.metrics import read_metrics
-from ..trainer.rundir import RunLockedError, is_run_folder
+from ..trainer.rundir import RunLockedError, check_not_locked, is_run_folder
 from ..trainer.schedule import ScheduleConfig
-from .report import SCALE_FREE, SESSIONS, TARGET_FREE, variant_label, write_report
+from .folders import SESSIONS, check_free_for_compare
+from .report import SCALE_FREE, TARGET_FREE, variant_label, write_report
 
 GRID_KEYS = ("model.moe.router.kind", "model.moe.router.scale_prime", "model.moe.router.target", "optim.name", "optim.lr", "seed", "out_dir")
 """Config fields the grid sets itself; `overrides` may not touch them."""
@@ -129,8 +133,12 @@ class CompareConfig:
                 raise ValueError(f"compare: --vary {key} needs distinct non-empty values without '/' or ',', got {values}")
         if any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"compare: learning rates must be > 0, got {self.lrs}")
-        if self.steps < 1:
-            raise ValueError(f"compare: steps must be >= 1, got {self.steps}")
+        # named as the flags are, and refused before the output folder is made
+        for flag, value, low in (("--steps", self.steps, 1), ("--batch-size", self.batch_size, 1), ("--eval-every", self.eval_every, 0),
+                                 ("--eval-batches", self.eval_batches, 1), ("--ckpt-every", self.ckpt_every, 0),
+                                 ("--warmup-steps", self.warmup_steps, 0)):
+            if value is not None:  # None: eval_batches "none" (whole set), warmup_steps left to its default
+                check_number(f"compare: {flag}", value, integer=True, ge=low)
         if not self.tokenizer:
             raise ValueError("compare: tokenizer must not be empty (byte | bpe | path/to/tokenizer.json)")
 
@@ -264,6 +272,8 @@ def _join(xs: list) -> str:
 
 def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: str | None = None) -> Path:
     """Train every unfinished run of the grid (at most `limit` this call), then write the report; returns report.md."""
+    if limit is not None:
+        check_number("compare: --limit", limit, integer=True, ge=1)
     out = Path(cfg.out_dir)
     runs = grid_runs(cfg)
     device = rank_device(resolve_device(runs[0].config.device))
@@ -272,10 +282,10 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
     ctx = init_distributed(runs[0].config.dist, device)
     main = ctx is None or ctx.is_main
     print = builtins.print if main else _silent
-    if is_run_folder(out):
-        raise FileExistsError(f"--out {out} is a training run folder, not a compare folder; choose another --out")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    # rank 0 looks before it writes (the broadcast waits for its verdict), so no rank sees its half-made folder
+    refusal = agree(ctx, _refusal(out) if main else None)
+    if refusal:
+        raise FileExistsError(refusal)
     for run in runs:
         check_config(run)
     env = environment(str(device))
@@ -284,15 +294,17 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
     now_ns = time.time_ns()
     session_path = out / SESSIONS / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now_ns // 10**9))}-{now_ns % 10**9:09d}-{os.getpid()}.json"
     if main:
-        session_path.parent.mkdir(exist_ok=True)
-        atomic_write_text(session_path, json.dumps(session, indent=2))
+        _start_session(session_path, json.dumps(session, indent=2))
     trained, times = 0, []
     prepared: dict[tuple, object] = {}
     for i, run in enumerate(runs, 1):
-        status, step = agree(ctx, run_status(run.run_dir, run.config.steps) if main else None)
+        status, step, busy = agree(ctx, _status_and_lock(run) if main else None)
         head = f"run {i}/{len(runs)}: {run.label}"
         if status == "done":
             print(f"{head}: done, skipped", flush=True)
+            continue
+        if busy:  # another compare call (sharing the folder) is training it: its checkpoints are not ours to resume
+            print(f"{head}: being trained by another process, skipped", flush=True)
             continue
         if limit is not None and trained >= limit:
             print(f"{head}: not started (limit of {limit} trainings this call); rerun to continue", flush=True)
@@ -321,6 +333,49 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
     report = write_report(out) if main else out / "report.md"
     print(f"report: {report}", flush=True)
     return report
+
+
+def _refusal(out: Path) -> str | None:
+    """Why `out` may not take a grid (None: it may)."""
+    if is_run_folder(out):
+        return f"--out {out} is a training run folder, not a compare folder; choose another --out"
+    try:
+        check_free_for_compare(out)
+    except FileExistsError as e:
+        return str(e)
+    return None
+
+
+def _start_session(path: Path, text: str) -> None:
+    """Make the output folder and record this call in it; if that fails (a full disk), remove the folders made
+    here, so that a retry does not find a non-empty folder without a session and refuse it."""
+    made, folder = [], path.parent
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _status_and_lock(run: GridRun) -> tuple[str, int, bool]:
+    """`run_status`, and whether another process holds the run folder's lock (not asked of a finished run:
+    the probe takes the lock for an instant, and a process starting a run then would find it taken)."""
+    status, step = run_status(run.run_dir, run.config.steps)
+    if status == "done":
+        return status, step, False
+    try:
+        check_not_locked(run.run_dir)
+    except RunLockedError:
+        return status, step, True
+    return status, step, False
 
 
 def _silent(*args, **kwargs) -> None:

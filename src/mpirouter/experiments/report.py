@@ -3,9 +3,11 @@
     mpirouter compare --out runs/compare --report-only      # calls write_report(out)
 
 A run folder is any folder holding config.json and metrics.jsonl (checkpoints/ is skipped). Runs are
-grouped into sections by (preset, optimizer, `--vary` cell, lr); within a section runs with the same seed
-are paired against `linear`. A row is a variant: router kind, C' and power target. With several lrs for one (preset, optimizer), a sweep table compares every router at
-its own best lr. Every "Δ vs linear" cell of a report (section and sweep rows) is one paired t-test, and
+grouped into sections by (preset, optimizer, `--vary` cell, lr) and by the rest of their config (`sections.py`:
+runs with other steps, batch, corpus or model get sections of their own); within a section runs with the same
+seed are paired against `linear`, and two finished runs of one variant and seed are refused. A row is a
+variant: router kind, C' and power target. With several lrs for one (preset, optimizer), a sweep table
+compares every router at its own best lr. Every "Δ vs linear" cell of a report (section and sweep rows) is one paired t-test, and
 all of them are Holm-adjusted together. Curves and the speed-up use one validation estimator at every
 point (`eval_curve`). The statistics themselves are in `stats.py`, provenance in `provenance.py`.
 """
@@ -23,14 +25,15 @@ from ..common.provenance import describe, environment
 from ..core.routers import POWER_TARGETS, ROUTER_KINDS
 from ..trainer.metrics import read_metrics
 from ..trainer.rundir import is_moved_aside
-from .plots import pyplot
+from .folders import GRID_FILE, REPORT, REPORT_JSON, REPORT_TITLE, SESSIONS, check_outputs_ours
+from .plots import pyplot, save_figure
+from .sections import check_no_duplicates, differs_order, differs_stem, differs_text, group_runs
 from .stats import holm, mean_curve, mean_std, paired_ci, paired_t_pvalue, ratio_ci, tokens_to_target
 
 SCALE_FREE = ("linear", "power")
 """Router kinds that do not use C' (trained once per seed, whatever `scales` says)."""
 TARGET_FREE = ("linear", "retract")
 """Router kinds that do not use a power target (trained once per seed, whatever `targets` says)."""
-REPORT, REPORT_JSON, GRID_FILE, SESSIONS = "report.md", "report.json", "grid.json", "sessions"
 ALPHA, MARK = 0.05, "†"
 """Family-wise level of the Holm adjustment, and the marker of Δ cells that survive it."""
 PREFIX_EVAL_SINCE = "recorded from commit c3002f6 on"
@@ -366,9 +369,10 @@ def _plots(section: list[RunRecord], rows: list[dict], out: Path, stem: str) -> 
     groups = {r["label"]: [x for x in section if x.final is not None and variant_label(*x.variant) == r["label"]] for r in rows}
     dim = section[0].config["model"]["dim"]
     estimator = estimator_title([x.curve() for runs in groups.values() for x in runs]).replace("; ", ";\n")  # fits the title
-    files = []
-    for key, title, extra in (("val_loss", f"validation loss ({estimator})", None), ("maxvio", f"MaxVio, mean over layers ({estimator})", None),
-                              ("align", "alignment |cos|, mean over layers (φ solid, raw R dashed)", "align_raw")):
+    files = section_plots(stem)
+    for name, key, title, extra in zip(files, ("val_loss", "maxvio", "align"),
+                                       (f"validation loss ({estimator})", f"MaxVio, mean over layers ({estimator})",
+                                        "alignment |cos|, mean over layers (φ solid, raw R dashed)"), (None, None, "align_raw")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, runs in groups.items():
             for k, style in ((key, "-"), (extra, "--")):
@@ -389,9 +393,7 @@ def _plots(section: list[RunRecord], rows: list[dict], out: Path, stem: str) -> 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        files.append(f"{stem}-{key}.png")
-        fig.savefig(out / files[-1], dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / name)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
@@ -402,10 +404,13 @@ def _plots(section: list[RunRecord], rows: list[dict], out: Path, stem: str) -> 
     ax.set(xlabel="layer", ylabel="|cos|", xticks=range(len(rows[0]["align_layers"])))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    files.append(f"{stem}-align_layers.png")
-    fig.savefig(out / files[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / files[-1])
     return files
+
+
+def section_plots(stem: str) -> list[str]:
+    """The file names `_plots` writes for a section (known before any is written)."""
+    return [f"{stem}-{key}.png" for key in ("val_loss", "maxvio", "align", "align_layers")]
 
 
 def summarize_sweep(by_lr: dict[float, list[RunRecord]]) -> list[dict]:
@@ -476,8 +481,7 @@ def _sweep_plot(rows: list[dict], out: Path, stem: str) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     name = f"{stem}-lr_sweep.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / name)
     return [name]
 
 
@@ -512,33 +516,38 @@ def write_report(out_dir: str | Path) -> Path:
     sessions = read_sessions(out)
     now = environment()
     given = vary_values(sessions)
-    keys = list(given)
-    groups: dict[tuple, dict[float, list[RunRecord]]] = {}
-    for r in runs:
-        key = (r.config.get("preset", "?"), r.config["optim"]["name"], r.cell(keys))
-        groups.setdefault(key, {}).setdefault(r.config["optim"].get("lr"), []).append(r)
     # Every table is summarized before any is written: the Holm adjustment needs all of the report's p-values.
-    # presets and optimizers sort by name, cells as their values were given to --vary
+    # presets and optimizers sort by name, cells as their values were given to --vary, then other configs by value
+    groups = sorted(group_runs(runs, list(given)), key=lambda g: (g.preset, g.optimizer, cell_order(given, g.cell), differs_order(g)))
     sweeps, sections, compared = [], [], []
-    for (preset, optim, cell), by_lr in sorted(groups.items(), key=lambda kv: (*kv[0][:2], cell_order(given, kv[0][2]))):
-        in_cell = f", {cell_text(cell)}" if cell else ""
+    for g in groups:
+        preset, optim, cell, by_lr = g.preset, g.optimizer, g.cell, g.by_lr
+        title = "".join(f", {t}" for t in (cell_text(cell), differs_text(g.differs)) if t)  # what sets the group apart
+        stem = "-".join([_stem(preset, optim, cell), *([differs_stem(g.differs)] if g.differs else [])])
+        differs = {"differs": {k: json.loads(v) for k, v in g.differs}} if g.differs else {}
         rows = summarize_sweep(by_lr) if len(by_lr) > 1 else []
         if rows:
-            sweeps.append({"preset": preset, "optimizer": optim, "cell": cell, "rows": rows, "by_lr": by_lr})
+            sweeps.append({"preset": preset, "optimizer": optim, "cell": cell, **differs, "rows": rows, "by_lr": by_lr,
+                           "title": title, "stem": stem})
             lin = next((r["best_lr"] for r in rows if r["label"] == "linear"), None)
-            compared += [(f"{r['label']} at lr {r['best_lr']:g} vs linear at lr {lin:g} (sweep `{preset}`/`{optim}`{in_cell})", r)
+            compared += [(f"{r['label']} at lr {r['best_lr']:g} vs linear at lr {lin:g} (sweep `{preset}`/`{optim}`{title})", r)
                          for r in rows if r["diff"] is not None]
         for lr, section in sorted(by_lr.items(), key=lambda kv: kv[0] or 0.0):
+            check_no_duplicates(section, lambda r: variant_label(*r.variant))
             rows = summarize_section(section)
-            where = f"`{preset}`/`{optim}`{in_cell}" + (f", lr {lr:g}" if len(by_lr) > 1 else "")
-            sections.append({"preset": preset, "optimizer": optim, "cell": cell, "lr": lr, "rows": rows, "runs": section,
-                             "multi_lr": len(by_lr) > 1})
+            where = f"`{preset}`/`{optim}`{title}" + (f", lr {lr:g}" if len(by_lr) > 1 else "")
+            sections.append({"preset": preset, "optimizer": optim, "cell": cell, **differs, "lr": lr, "rows": rows,
+                             "runs": section, "multi_lr": len(by_lr) > 1, "title": title,
+                             "stem": stem + (f"-lr{lr:g}" if len(by_lr) > 1 else "")})
             compared += [(f"{r['label']} ({where})", r) for r in rows if r["diff"] is not None]
     n = adjust_comparisons([row for _, row in compared])
     significant = [name for name, row in compared if row["p_holm"] is not None and row["p_holm"] < ALPHA]
     untested = sum(1 for _, row in compared if row["p"] is None)
+    # in a folder that is not ours, every file about to be written is checked before the first one is
+    plots = [f"{sw['stem']}-lr_sweep.png" for sw in sweeps] + [f for sec in sections if sec["rows"] for f in section_plots(sec["stem"])]
+    check_outputs_ours(out, [REPORT, REPORT_JSON, *(plots if pyplot() is not None else [])])
 
-    lines = [f"# Router comparison: `{out}`", "", multiplicity_line(n, significant, untested), ""]
+    lines = [f"{REPORT_TITLE}`{out}`", "", multiplicity_line(n, significant, untested), ""]
     for s in sessions:
         if not s.get("runs_trained", True):
             continue  # a call that found everything done
@@ -548,24 +557,24 @@ def write_report(out_dir: str | Path) -> Path:
     if unfinished:
         lines.append(f"- **incomplete runs (left out of the table):** " + ", ".join(f"`{r.run_dir.relative_to(out)}`" for r in unfinished))
     for sw in sweeps:
-        preset, optim, by_lr, cell = sw["preset"], sw["optimizer"], sw.pop("by_lr"), sw["cell"]
+        preset, optim, by_lr, title = sw["preset"], sw["optimizer"], sw.pop("by_lr"), sw.pop("title")
         first = next(iter(by_lr.values()))[0]
         lrs = "lrs " + " / ".join(f"{lr:g}" for lr in sorted(by_lr))
-        lines += ["", f"## lr sweep: preset `{preset}`, optimizer `{optim}`" + (f", {cell_text(cell)}" if cell else ""), "",
+        lines += ["", f"## lr sweep: preset `{preset}`, optimizer `{optim}`{title}", "",
                   _section_header(first.config, next(iter(first.events("start")), {}), lrs), "",
                   format_sweep(sw["rows"]), "", SWEEP_NOTES, ""]
-        lines += [f"![{f}]({f})" for f in _sweep_plot(sw["rows"], out, _stem(preset, optim, cell))]
+        lines += [f"![{f}]({f})" for f in _sweep_plot(sw["rows"], out, sw.pop("stem"))]
     for sec in sections:
-        preset, optim, lr, rows, section, cell = sec["preset"], sec["optimizer"], sec["lr"], sec["rows"], sec.pop("runs"), sec["cell"]
+        preset, optim, lr, rows, section, title = sec["preset"], sec["optimizer"], sec["lr"], sec["rows"], sec.pop("runs"), sec.pop("title")
         start = next(iter(section[0].events("start")), {})
-        lines += ["", f"## preset `{preset}`, optimizer `{optim}`" + (f", {cell_text(cell)}" if cell else "")
-                  + (f", lr {lr:g}" if sec["multi_lr"] else ""), "", _section_header(section[0].config, start), ""]
+        lines += ["", f"## preset `{preset}`, optimizer `{optim}`{title}" + (f", lr {lr:g}" if sec["multi_lr"] else ""), "",
+                  _section_header(section[0].config, start), ""]
+        stem = sec.pop("stem")
         if not rows:
             lines.append("No finished runs yet.")
             continue
         curves = [r.curve() for r in section if r.final is not None]
         lines += [f"Curves and speed-up: validation {estimator_title(curves)}.", "", format_rows(rows), ""]
-        stem = _stem(preset, optim, cell) + (f"-lr{lr:g}" if sec["multi_lr"] else "")
         lines += [f"![{f}]({f})" for f in _plots(section, rows, out, stem)]
     lines += ["", "Columns:", "", NOTES, ""]
     summary = {"sessions": sessions, "report_env": now,
