@@ -73,3 +73,25 @@ def _descendants(pid: int) -> list[int]:
 def torchrun():
     """`torchrun(script, nproc, *args, timeout=180, env=None, check=True)`: see `run_torchrun`."""
     return run_torchrun
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(size)`: a folder on a tmpfs of `size` (e.g. "5m"), unmounted afterwards: a real full disk.
+
+    Mounting needs root (or CAP_SYS_ADMIN); without it the test is skipped.
+    """
+    mounted = []
+
+    def make(size: str) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or done.returncode})")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mpirouter.cli import main
@@ -102,3 +102,64 @@ def test_sample_with_random_flags_never_shows_a_traceback(top_k, tokens, tempera
     argv = ["sample", str(trained), "--tokens", tokens, "--temperature", temperature, "--prompt", prompt, "--device", device]
     code = check_outcome(argv + (["--top-k", top_k] if top_k else []), capsys)
     assert code in (0, 2)
+
+
+# ----------------------------------------------------------------------------- folders the toolkit does not own
+
+NAMES = ["checkpoints", "config.json", "metrics.jsonl", "summary.json", "summary.md", "sessions", "report.md", "latest",
+         "step_0000001", "linear", "mpi", "train.bin", "meta.json", "export.json", "model.safetensors", "notes.txt", ".ssh"]
+NEAR_MISSES = ['{"event": "train", "step": 1}\n', '{"lr": 1}', '{"rows": 5, "info": 1}', '{"command": "ls", "config": {}}',
+               "epoch_3", '{"format": "other-tokens"}', '{"format": "not-an-export"}', "mine", ""]
+"""File contents that resemble what the toolkit writes without being its markers."""
+ENTRY = st.tuples(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.one_of(st.none(), st.sampled_from(NEAR_MISSES)))
+TREES = st.lists(ENTRY, min_size=1, max_size=6)
+"""A user's folder: paths of up to 3 parts, each a folder (None) or a file with one of NEAR_MISSES."""
+
+
+def build_tree(root: Path, entries) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for parts, content in entries:
+        path = root.joinpath(*parts)
+        if any(p.exists() and not p.is_dir() for p in [*path.parents, path] if root in p.parents or p == root):
+            continue  # a file already stands where this entry needs a folder
+        if content is None:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@FUZZ
+@given(tree=TREES, command=st.sampled_from(["train", "compare", "demo", "export", "prepare-data"]), force=st.booleans(),
+       nested=st.booleans())
+@example(tree=[(["report.md"], "mine"), (["notes.txt"], "x")], command="compare", force=False, nested=False)  # row 1
+@example(tree=[([".ssh"], None), (["linear", "config.json"], '{"lr": 1}'), (["summary.md"], "mine")], command="demo",
+         force=False, nested=False)  # row 2
+@example(tree=[([".ssh"], None), (["checkpoints"], None), (["notes.txt"], "x")], command="train", force=True, nested=False)  # row 3
+def test_a_users_folder_is_never_changed_moved_or_deleted(tree, command, force, nested, corpus, trained, tmp_path_factory, capsys):
+    """Whatever a user's folder holds, a command pointed at it (or at a new folder inside it) changes nothing that
+    was there: a folder that is not the toolkit's own is refused, --force or not (issue #22 rows 1-3)."""
+    base = tmp_path_factory.mktemp("user")
+    root = base / "home"
+    build_tree(root, tree)
+    before = snapshot(base)
+    out = root / "new" if nested else root
+    small = ["--set", "progress=false", "--set", "model.max_seq_len=16"]
+    argv = {"train": ["train", "--preset", "debug", "--steps", "2", "--batch-size", "2", "--data", str(corpus),
+                      "--set", "eval_every=0", *small, "--out", str(out)] + (["--force"] if force else []),
+            "compare": ["compare", "--preset", "debug", "--steps", "2", "--batch-size", "2", "--seeds", "0", "--routers", "linear",
+                        "--data", str(corpus), "--eval-every", "0", "--no-progress", "--set", "model.max_seq_len=16",
+                        "--out", str(out)],
+            "demo": ["demo", "--preset", "debug", "--steps", "2", "--routers", "linear", "--data", str(corpus), "--out", str(out)],
+            "export": ["export", str(trained), "--out", str(out)] + (["--force"] if force else []),
+            "prepare-data": ["prepare-data", "--data", str(corpus), "--out", str(out)]}[command]
+    code = check_outcome(argv, capsys)
+    after = snapshot(base)
+    assert {k: v for k, v in after.items() if k in before} == before, (command, tree)  # nothing there changed
+    assert set(before) <= set(after), (command, tree)  # nor moved or deleted
+    if not nested:
+        assert code == 2 and after == before, (command, tree)  # refused, and nothing added either

@@ -121,3 +121,17 @@ def test_train_on_a_folder_without_meta_json_names_it(corpus, tmp_path, capsys):
     assert main(["train", "--data", str(out), *FAST, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "meta.json is missing" in err and "no .txt" not in err
+
+
+def test_out_of_memory_in_prepare_data_gives_advice_that_fits_it(tmp_path, monkeypatch, capsys):
+    """Issue #22 row 26: prepare-data out of memory said "use a smaller batch or model"."""
+    import mpirouter.trainer.data as data
+
+    def too_big(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(data, "load_corpus", too_big)
+    (tmp_path / "c.txt").write_text("text")
+    assert main(["prepare-data", "--data", str(tmp_path / "c.txt"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "split the corpus into parts" in err and "batch" not in err

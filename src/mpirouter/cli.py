@@ -95,6 +95,7 @@ def cmd_train(args) -> int:
     from .trainer.loop import train
 
     cfg = train_config(args, args.explicit)
+    args.run_dir = cfg.out_dir  # for the how-to-continue line of an interrupted job
     result = train(cfg, resume=args.resume, stop_at=args.stop_at, force=args.force)
     if _rank() != 0:  # rank 0 reports for a torchrun job
         return 0
@@ -296,13 +297,22 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults in --help, and command docstrings shown as written."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that in a torchrun job only rank 0 prints a usage error: every rank parses the same argv."""
+
+    def error(self, message: str):
+        if _rank() != 0:
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .common.version import __version__
     from .core.model import PRESETS
     from .optim import OPTIMIZERS
     from .core.routers import POWER_TARGETS, ROUTER_KINDS
 
-    p = argparse.ArgumentParser(prog="mpirouter", description="MoE routers that follow their experts (MPI).", allow_abbrev=False)
+    p = _Parser(prog="mpirouter", description="MoE routers that follow their experts (MPI).", allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"mpirouter {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     add = lambda name, fn, help: sub.add_parser(name, help=help, description=fn.__doc__, formatter_class=_HelpFormatter,  # noqa: E731
@@ -422,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser.subcommands[args.command], argv[argv.index(args.command) + 1:])
+    from .parallel.env import is_lost_peer
     from .trainer.loop import NonFiniteLossError, TrainingInterrupted
     from .trainer.rundir import RunLockedError
 
@@ -433,11 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"run as a job of several processes)")
         return args.func(args)
     except TrainingInterrupted as e:
-        launch = "mpirouter" if world == 1 else \
-            f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} (and the same --nnodes/rendezvous) -m mpirouter"
-        again = f"run the same {launch} compare command again" if args.command == "compare" else \
-            f"{launch} train --resume --out {shlex.quote(str(e.run_dir))}"
-        _report(e, f"{where}: {e}; to continue: {again}")
+        _report(e, f"{where}: {e}; to continue: {_how_to_continue(args, world, e.run_dir)}")
         return e.exit_code
     except NonFiniteLossError as e:
         _report(e, f"{where}: training stopped: {_one_line(e)}")
@@ -450,25 +457,84 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{where}: interrupted{kept}", file=sys.stderr)
         return 130
     except MemoryError as e:
-        print(f"{where}: error: out of memory ({_one_line(e)}); use a smaller batch or model", file=sys.stderr)
+        print(f"{where}: error: out of memory ({_one_line(e)}); {_memory_advice(args.command)}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # torch reports a failed allocation as a RuntimeError
+    except RuntimeError as e:  # torch reports a failed allocation, and a collective whose peer died, as a RuntimeError
+        if world > 1 and is_lost_peer(e):
+            _report_lost_peer(e, f"{where}: error: ", _how_to_continue(args, world, getattr(args, "run_dir", None)))
+            return 1
+        if world > 1 and type(e).__module__.startswith("torch") and "Dist" in type(e).__name__:  # DistStoreError, ...
+            _report(e, f"{where}: error: the job's processes could not work together ({type(e).__name__}: "
+                       f"{_one_line(e)[:300]}); check that every node runs the same command, or raise dist.timeout_s")
+            return 1
         if "allocate" not in str(e) and "out of memory" not in str(e):
             raise
-        print(f"{where}: error: out of memory ({_one_line(e)[:200]}); use a smaller batch or model", file=sys.stderr)
+        print(f"{where}: error: out of memory ({_one_line(e)[:200]}); {_memory_advice(args.command)}", file=sys.stderr)
         return 2
     finally:
         _leave_process_group()
 
 
+def _memory_advice(command: str) -> str:
+    """What to change when `command` ran out of memory."""
+    if command == "prepare-data":
+        return ("prepare-data holds the whole corpus and its token ids in memory: split the corpus into parts and "
+                "prepare each, or use a machine with more memory")
+    if command in ("sample", "inspect", "export"):
+        return "the model does not fit: use a machine with more memory (or --device cuda)"
+    return "use a smaller batch or model"
+
+
+def _how_to_continue(args, world: int, run_dir) -> str:
+    """The command that continues an interrupted `train` (from its newest checkpoint) or `compare`."""
+    launch = "mpirouter" if world == 1 else \
+        f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} (and the same --nnodes/rendezvous) -m mpirouter"
+    if args.command == "compare" or run_dir is None:
+        return f"run the same {launch} {args.command} command again"
+    return f"{launch} train --resume --out {shlex.quote(str(run_dir))}"
+
+
+def _report_lost_peer(e: BaseException, head: str, again: str) -> None:
+    """One line for a torchrun job that lost a process mid-collective, printed by the lowest surviving rank: which
+    rank(s) stopped (asked of the job's store) and how to continue. torchrun's SIGTERM to the survivors waits
+    until the line is out."""
+    import signal
+
+    from .parallel.env import missing_ranks
+
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _in_main_thread() else None
+    try:
+        found = missing_ranks()
+        if found is not None and not found[1]:
+            return  # a lower surviving rank speaks for the job
+        gone = found[0] if found is not None else []
+        who = (f"rank {gone[0]}" if len(gone) == 1 else f"ranks {', '.join(map(str, gone))}") if gone else "another process"
+        print(f"{head}{who} of this torchrun job stopped (the connection to it was lost: it died or was killed); "
+              f"the newest checkpoint is kept; to continue: {again}", file=sys.stderr, flush=True)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _in_main_thread() -> bool:
+    """Signal handlers can only be changed there."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def _report(e: BaseException, line: str) -> None:
     """Print an error line to stderr: once per job under torchrun (rank 0) when every rank raised it alike;
     otherwise from each rank that raised it, marked with its rank."""
-    if getattr(e, "shown_by_rank0", False) or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and _rank() != 0
-                                               and "runs in one process" in line):
+    if getattr(e, "shown_by_rank0", False) or (_rank() != 0 and "runs in one process" in line):  # from argv alone
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _rank() != 0:
-        line = line.replace("mpirouter ", f"mpirouter [rank {_rank()}] ", 1)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .parallel.env import rank0_said_it
+
+        if rank0_said_it(line):  # the same error on every rank (a bad setting, a missing file): printed once
+            return
+        if _rank() != 0:
+            line = line.replace("mpirouter ", f"mpirouter [rank {_rank()}] ", 1)
     print(line, file=sys.stderr)
 
 

@@ -13,6 +13,7 @@ from mpirouter.parallel.env import agree, any_rank, init_distributed, launched_b
     ("ep", 0, "dist.ep"),
     ("ep", 1.5, "dist.ep"),
     ("timeout_s", 0, "dist.timeout_s"),
+    ("timeout_s", 0.001, r"dist.timeout_s must be >= 10"),  # issue #22 row 15: accepted, then a DistStoreError traceback
 ], ids=lambda v: str(v))
 def test_bad_settings_are_refused_with_their_name(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -1,6 +1,7 @@
 """Checkpoints: never non-finite, readable by the group, no leftovers after a failed save, fallback past a corrupt one."""
 
 import os
+import shutil
 import stat
 
 import pytest
@@ -43,7 +44,7 @@ def test_failed_save_removes_its_temporary_folder(tmp_path, model, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="no space left on device: writing the checkpoint of step 2"):
         ckpt.save_checkpoint(tmp_path, 2, model, {}, {"step": 2})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001"]
 
@@ -114,3 +115,49 @@ def test_step_numbers_past_seven_digits_sort_and_rotate_by_number(tmp_path, mode
     for step in (9_999_999, 10_000_000, 10_000_001):
         ckpt.save_checkpoint(tmp_path, step, model, {}, None, keep=2)
     assert [p.name for p in ckpt.step_folders(tmp_path / "checkpoints")] == ["step_10000000", "step_10000001"]
+
+
+def test_a_save_that_fails_for_want_of_space_says_so_in_one_line(tmp_path, model, monkeypatch):
+    """Issue #22 row 11: torch.save reports a short write as a RuntimeError with no errno ("unexpected pos")."""
+    ckpt.save_checkpoint(tmp_path, 1, model, {}, {"step": 1})
+
+    def short_write(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 531712 vs 531604")
+
+    monkeypatch.setattr(ckpt.torch, "save", short_write)
+    real = shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: real(path)._replace(free=4096))  # a full file system
+    with pytest.raises(OSError, match="no space left on device: writing the checkpoint of step 2 to .* previous checkpoints "
+                                      "are intact") as raised:
+        ckpt.save_checkpoint(tmp_path, 2, model, {}, {"step": 2})
+    assert raised.value.errno == 28
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+
+
+def test_other_save_failures_are_not_called_a_full_disk(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(ckpt.torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        ckpt.save_checkpoint(tmp_path, 1, model, {}, {"step": 1})
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_real_full_disk_is_one_line_and_loses_nothing(small_disk, tmp_path, capsys, command):
+    """Issue #22 row 11 on a 2 MB tmpfs: train's third checkpoint, or an export, does not fit."""
+    from mpirouter.cli import main
+
+    disk = small_disk("2m" if command == "train" else "300k")
+    fast = ["--preset", "debug", "--set", "progress=false", "--set", "eval_every=0", "--set", "ckpt_every=5",
+            "--set", "ckpt_keep=50", "--set", "model.max_seq_len=16"]
+    run = disk / "r" if command == "train" else tmp_path / "r"
+    code = main(["train", *fast, "--steps", "60", "--batch-size", "2", "--out", str(run)])
+    if command == "export":
+        assert code == 0
+        code = main(["export", str(run), "--out", str(disk / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"mpirouter {command}: error: no space left on device: "), err
+    if command == "train":
+        kept = ckpt.step_folders(run / "checkpoints")
+        assert kept and not list((run / "checkpoints").glob(".tmp-*"))
+        ckpt.verify_checksums(kept[-1])
+    else:
+        assert sorted(p.name for p in disk.iterdir()) == []

@@ -6,8 +6,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
+
+NAME_MAX = 255
+"""Longest file name most file systems take (bytes); names derived from a user's (`.old-<time>`, hidden
+temporaries) are kept within it."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,7 +37,7 @@ def replacing(path: Path):
     half-written file behind. The temporary name carries the pid, so processes writing the same file
     never share it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(fit_name(path.name, f".{os.getpid()}.tmp", prefix="."))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -64,3 +69,18 @@ def fsync_files(folder: Path) -> None:
             continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+
+
+def fit_name(name: str, suffix: str, prefix: str = "") -> str:
+    """`prefix + name + suffix`, with `name` shortened (keeping its start) so the result fits NAME_MAX bytes.
+
+    Names derived from a user's folder (moved-aside and temporary siblings) must not fail on a
+    long but legal folder name; a shortened name keeps a hash of the whole so two long names stay apart.
+    """
+    whole = f"{prefix}{name}{suffix}"
+    if len(whole.encode()) <= NAME_MAX:
+        return whole
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    room = NAME_MAX - len(f"{prefix}{tag}{suffix}".encode())
+    short = name.encode()[:room].decode(errors="ignore")
+    return f"{prefix}{short}{tag}{suffix}"

@@ -14,6 +14,9 @@ from typing import Literal
 from ..common.config import check_number
 
 Strategy = Literal["ddp", "fsdp"]
+MIN_TIMEOUT_S = 10.0
+"""Shortest dist.timeout_s: below it, a healthy job's start (processes joining, a first collective that waits
+for the slowest rank to load its data) can fail with a store timeout instead of running."""
 Backend = Literal["auto", "gloo", "nccl"]
 
 
@@ -30,7 +33,8 @@ class DistConfig:
     backend: Backend = "auto"
     """Process-group backend; auto: nccl when training on CUDA, gloo on CPU."""
     timeout_s: float = 600.0
-    """A collective that waits longer than this fails (a dead rank gives an error on the others, not a hang)."""
+    """A collective that waits longer than this fails (a dead rank gives an error on the others, not a hang).
+    At least MIN_TIMEOUT_S: starting the job (rendezvous, the first collective) must fit in it."""
 
     def __post_init__(self) -> None:
         if self.strategy not in ("ddp", "fsdp"):
@@ -38,4 +42,4 @@ class DistConfig:
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"dist.backend must be auto, gloo or nccl, got {self.backend!r}")
         check_number("dist.ep", self.ep, integer=True, ge=1)
-        check_number("dist.timeout_s", self.timeout_s, gt=0)
+        check_number("dist.timeout_s", self.timeout_s, ge=MIN_TIMEOUT_S)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -168,3 +169,76 @@ def all_reduce_sum(ctx: DistContext | None, t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Read error", "Write error",
+                   "remote process exited", "Socket closed")
+"""Words in gloo's and NCCL's errors when another process of the job went away in the middle of a collective."""
+
+
+def is_lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of the job died or was killed."""
+    text = str(e)
+    return isinstance(e, (RuntimeError, dist.DistError)) and any(sign in text for sign in LOST_PEER_SIGNS)
+
+
+def missing_ranks(wait_s: float = 1.0) -> tuple[list[int], bool] | None:
+    """After a lost peer: (the ranks that did not answer within `wait_s`, whether this rank is the lowest that did).
+
+    Every surviving rank writes a key into the job's store (torchrun's agent holds it, so it outlives the
+    dead process) and reads the others'; None when that is not possible (no process group, store gone).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store  # the job's store; no public accessor
+
+        store, rank, world = _get_default_store(), dist.get_rank(), dist.get_world_size()
+        store.set_timeout(datetime.timedelta(seconds=max(wait_s, 1.0)))
+        prefix = f"mpirouter/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        store.set(f"{prefix}{rank}", "1")
+        keys = [f"{prefix}{r}" for r in range(world)]
+        deadline = time.monotonic() + wait_s
+        while True:
+            alive = [r for r, key in enumerate(keys) if store.check([key])]
+            if len(alive) == world or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    except Exception:  # the store went with the node that held it: nothing to learn
+        return None
+    return [r for r in range(world) if r not in alive], rank == min(alive)
+
+
+def _job_store(timeout_s: float):
+    """The torchrun job's key-value store (its agent holds it): the process group's once there is one, else a
+    client of the agent's store at MASTER_ADDR:MASTER_PORT; None outside torchrun."""
+    from torch.distributed.distributed_c10d import _get_default_store  # no public accessor
+
+    if dist.is_available() and dist.is_initialized():
+        return _get_default_store()
+    if not launched_by_torchrun() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def rank0_said_it(line: str, wait_s: float = 3.0) -> bool:
+    """Whether rank 0 of this torchrun job reports the same error `line` (then the others need not repeat it).
+
+    Rank 0 posts its line in the job's store and returns False (it always speaks); another rank waits up to
+    `wait_s` for rank 0's line. Errors raised before the ranks communicate (a bad setting, a missing file) are
+    alike on every rank, and the job's log shows them once. False when the store cannot be reached.
+    """
+    key = f"mpirouter/error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/0"
+    try:
+        store = _job_store(wait_s)
+        if store is None:
+            return False
+        if int(os.environ.get("RANK", "0")) == 0:
+            store.set(key, line)
+            return False
+        store.set_timeout(datetime.timedelta(seconds=wait_s))
+        store.wait([key])
+        return store.get(key).decode() == line
+    except Exception:  # rank 0 did not fail (timeout) or the store is gone: this rank speaks for itself
+        return False

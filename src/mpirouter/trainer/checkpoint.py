@@ -12,16 +12,20 @@ Both kinds load in one process (`load_model`, `export`, `sample`) and resume at 
 
 A checkpoint is written into a hidden temporary folder, flushed to disk and then renamed into
 place; `latest` is replaced atomically afterwards. A crash at any point leaves the previous
-checkpoint and `latest` untouched.
+checkpoint and `latest` untouched. `sha256.json` records each file's SHA-256, so bytes changed in
+place (same size) are found on load: such a checkpoint counts as unreadable, like one whose weights
+are not finite, and loading falls back to the previous one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +42,7 @@ from ..common.config import from_dict
 from ..common.files import atomic_write_text, fsync_dir, fsync_files
 from ..core.model import MoELM
 from .config import TrainConfig
+from .shards import file_sha256
 from .tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
 LATEST = "latest"
@@ -50,6 +55,8 @@ TOKENIZER_FILE = "tokenizer.json"
 TMP_PREFIX = ".tmp-"
 STEP_NAME = re.compile(r"step_\d{7,}")
 """Names of checkpoint folders; rotation touches nothing else (moved-aside or foreign folders stay)."""
+CHECKSUMS = "sha256.json"
+"""{file path relative to the checkpoint folder: hex SHA-256} of the weights and state files (not config.json)."""
 CHECKPOINT_FILES = (WEIGHTS, DCP_DIR, STATE, CONFIG)
 """What a checkpoint folder holds (one-process: weights, state, config; sharded: dcp/, state, config)."""
 
@@ -89,6 +96,17 @@ def all_finite(tensors) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def nested_tensors(obj) -> list[torch.Tensor]:
+    """Every tensor inside `obj` (dicts, lists and tuples, e.g. an optimizer's state_dict)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in nested_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in nested_tensors(v)]
+    return []
+
+
 def is_checkpoint(path: Path) -> bool:
     """Whether `path` is one checkpoint folder (one-process safetensors, or sharded)."""
     return (path / WEIGHTS).is_file() or is_sharded(path)
@@ -115,16 +133,69 @@ def save_checkpoint(
     tensors = model_tensors(model)
     if not all_finite(tensors.values()):
         raise NonFiniteWeightsError(f"weights are not finite at step {step}; no checkpoint written")
-    tmp = temporary_folder(run_dir, step)
     try:
-        save_weights(tensors, tmp / WEIGHTS, {"format": "pt", "step": str(step)})
-        if train_state is not None:
-            torch.save(train_state, tmp / STATE)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish(tmp, keep)
+        tmp = temporary_folder(run_dir, step)
+        try:
+            save_weights(tensors, tmp / WEIGHTS, {"format": "pt", "step": str(step)})
+            if train_state is not None:
+                torch.save(train_state, tmp / STATE)
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+            write_checksums(tmp, {name: file_sha256(tmp / name) for name in (WEIGHTS, STATE) if (tmp / name).is_file()})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return publish(tmp, keep)
+    except (Exception, CheckpointException) as e:
+        raise write_error(e, Path(run_dir) / "checkpoints", f"the checkpoint of step {step}") from None
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _causes(e: BaseException) -> list[tuple[int | None, BaseException]]:
+    """(rank or None, exception) behind `e`: DCP's per-rank failures, and the chain of causes."""
+    out: list[tuple[int | None, BaseException]] = []
+    seen = set()
+    todo: list[tuple[int | None, BaseException]] = [(None, e)]
+    while todo:
+        rank, x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        out.append((rank, x))
+        if isinstance(x, CheckpointException):
+            todo += [(r, f[0] if isinstance(f, tuple) else f) for r, f in sorted(getattr(x, "failures", {}).items())]
+        todo += [(rank, x.__cause__), (rank, x.__context__)]
+    return out
+
+
+def write_error(e: BaseException, folder: Path, what: str, kept: str = "the previous checkpoints are intact") -> BaseException:
+    """The exception to report for a failed write of `what` under `folder`: a full disk or a refused write as an
+    OSError with a one-line message naming the rank, the folder and what was kept; anything else as it was.
+
+    A full disk is recognised by its errno anywhere in the chain of causes (DCP wraps each rank's), or by the
+    file system having under 1 MiB free: torch.save reports a short write as a RuntimeError with no errno.
+    """
+    causes = _causes(e)
+    where = lambda rank: "" if rank is None else f"rank {rank}: "  # noqa: E731
+    for rank, x in causes:
+        if isinstance(x, OSError) and x.errno in DENIED:
+            target = x.filename or folder
+            return OSError(x.errno, f"{where(rank)}cannot write {what} ({x.strerror}: {target}); {kept}")
+    full = next(((rank, x) for rank, x in causes if isinstance(x, OSError) and x.errno in NO_SPACE), None)
+    if full is None and not isinstance(e, OSError):
+        try:
+            if shutil.disk_usage(folder).free < 1 << 20:
+                full = (None, e)
+        except OSError:
+            pass
+    if full is not None:
+        again = " (free some space, then continue with --resume)" if "checkpoint" in kept else ""
+        return OSError(errno.ENOSPC, f"no space left on device: {where(full[0])}writing {what} to {folder} failed; {kept}{again}")
+    if isinstance(e, CheckpointException):  # some other failure of a rank: its own exception, on one line
+        return OSError(errno.EIO, f"writing {what} to {folder} failed ({load_error_text(e)})")
+    return e
 
 
 def temporary_folder(run_dir: str | Path, step: int) -> Path:
@@ -175,6 +246,26 @@ def step_folders(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def write_checksums(ckpt: Path, sums: dict[str, str]) -> None:
+    """Record the SHA-256 of a checkpoint's files (relative paths) in its `sha256.json`."""
+    (ckpt / CHECKSUMS).write_text(json.dumps(dict(sorted(sums.items())), indent=2) + "\n")
+
+
+def verify_checksums(ckpt: Path, part: tuple[int, int] = (0, 1)) -> None:
+    """ValueError naming the first file of `ckpt` whose SHA-256 differs from `sha256.json` (none recorded: nothing
+    to check, a checkpoint from before they were). `part=(i, n)` checks every n-th file from the i-th, so the ranks
+    of a job share the reading."""
+    path = ckpt / CHECKSUMS
+    if not path.is_file():
+        return
+    sums = json.loads(path.read_text())
+    for name in sorted(sums)[part[0]::part[1]]:
+        if not (ckpt / name).is_file():
+            raise FileNotFoundError(f"{name} is missing")
+        if file_sha256(ckpt / name) != sums[name]:
+            raise ValueError(f"{name} does not match its sha256 in {CHECKSUMS} (changed or damaged on disk)")
+
+
 def set_aside(checkpoints: list[Path]) -> list[Path]:
     """Rename unreadable checkpoints to `step_X.corrupt-<time>`, so they neither hold a `keep` slot nor
     push readable checkpoints out of it; nothing is deleted."""
@@ -197,16 +288,22 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint folder, a run folder, or a checkpoints/ folder."""
+    """A checkpoint folder from a checkpoint folder, a run folder, or a checkpoints/ folder.
+
+    The one `latest` names, else (`latest` missing, or naming a folder that is gone) the newest step folder.
+    """
     path = Path(path)
     if is_checkpoint(path):
         return path
     for root in (path / "checkpoints", path):
         latest = root / LATEST
         if latest.is_file():
-            ckpt = root / latest.read_text().strip()
+            ckpt = root / latest.read_text(errors="replace").strip()
             if is_checkpoint(ckpt):
                 return ckpt
+    newest = next((c for c in checkpoints_newest_first(path) if is_checkpoint(c)), None)
+    if newest is not None:
+        return newest
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
     raise FileNotFoundError(f"no checkpoint found at {str(path)!r} (expected {WEIGHTS}, {DCP_DIR}/ or checkpoints/{LATEST})")
@@ -257,14 +354,21 @@ def _read(ckpt: Path, with_state: bool, weights: bool = True) -> tuple[dict, dic
         config = json.loads((ckpt / CONFIG).read_text())
         if is_sharded(ckpt):
             check_shards(ckpt)
+            if weights:  # without: each rank of the resuming job checks its share of the files (loop._restore)
+                verify_checksums(ckpt)
             tensors = full_weights(ckpt, config) if weights else None
         else:
+            verify_checksums(ckpt)
             tensors = load_file(str(ckpt / WEIGHTS))  # also the check that the file is whole
+        if tensors is not None and not all_finite(tensors.values()):  # bytes overwritten in place keep the size
+            raise ValueError("its weights are not all finite")
         state = None
         if with_state:
             if not (ckpt / STATE).is_file():
                 raise FileNotFoundError(f"{STATE} is missing")
             state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
+            if not all_finite(nested_tensors(state.get("optimizer"))):
+                raise ValueError("its optimizer state is not all finite")
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, CheckpointException) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise CorruptCheckpointError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {reason[:200]})") from None
@@ -333,17 +437,68 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
 # ----------------------------------------------------------------------------- a trained model and its tokenizer
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[MoELM, TrainConfig]:
-    """A model and its TrainConfig from a checkpoint (a run folder or a checkpoint folder)."""
-    sharded = is_sharded(resolve_checkpoint(path))
-    saved, tensors, _ = load_checkpoint(path, with_state=False, weights=not sharded)
-    cfg = from_dict(TrainConfig, saved)
-    model = MoELM(cfg.model)
-    if sharded:  # read straight into the model: one copy of the weights in memory, not two
-        load_sharded_weights(resolve_checkpoint(path), model)
-    else:
-        load_model_tensors(model, tensors)
-    return model.to(device).eval(), cfg
+def load_error_text(e: BaseException) -> str:
+    """A failed load's cause on one line: for DCP's CheckpointException (which wraps each rank's exception with
+    its traceback) the first rank's own exception."""
+    if isinstance(e, CheckpointException) and getattr(e, "failures", None):
+        rank, failure = next(iter(sorted(e.failures.items())))
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"{type(inner).__name__}: {' '.join(str(inner).split())[:200]} (reading rank {rank})"
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _open_one(ckpt: Path) -> tuple[MoELM, TrainConfig]:
+    """The model of one checkpoint folder; CorruptCheckpointError when it cannot be read or is not finite."""
+    try:
+        cfg = from_dict(TrainConfig, json.loads((ckpt / CONFIG).read_text()))
+        model = MoELM(cfg.model)
+        verify_checksums(ckpt)
+        if is_sharded(ckpt):  # read straight into the model: one copy of the weights in memory, not two
+            check_shards(ckpt)
+            load_sharded_weights(ckpt, model)
+        else:
+            load_model_tensors(model, load_file(str(ckpt / WEIGHTS)))
+        if not all_finite(model.state_dict().values()):  # bytes overwritten in place keep the file's size
+            raise ValueError("its weights are not all finite")
+    except MemoryError:
+        raise
+    # DCP (its CheckpointException is a BaseException) and pickle raise many types for a damaged shard:
+    # each means "cannot use this one"
+    except (Exception, CheckpointException) as e:
+        raise CorruptCheckpointError(f"checkpoint {ckpt} is unreadable ({load_error_text(e)})") from None
+    return model, cfg
+
+
+def open_checkpoint(path: str | Path, device: str | torch.device = "cpu", say=_warn) -> tuple[MoELM, TrainConfig, Path]:
+    """(model, its TrainConfig, the checkpoint folder used) from a run, checkpoints/ or checkpoint folder.
+
+    Given a run, the newest checkpoint that loads with finite weights is used: unreadable or non-finite
+    ones are skipped (each reported through `say`) and left where they are (`train --resume` sets them aside).
+    """
+    candidates = checkpoints_newest_first(path) or [resolve_checkpoint(path)]  # the latter raises "not found"
+    errors = []
+    for ckpt in candidates:
+        try:
+            model, cfg = _open_one(ckpt)
+        except CorruptCheckpointError as e:
+            errors.append(str(e))
+            if ckpt != candidates[-1]:
+                say(f"{e}; trying the previous checkpoint")
+            continue
+        if errors:
+            say(f"using {ckpt}")
+        return model.to(device).eval(), cfg, ckpt
+    raise CorruptCheckpointError(errors[-1] if len(errors) == 1 else f"no readable checkpoint under {path}: {'; '.join(errors)}")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", say=_warn) -> tuple[MoELM, TrainConfig]:
+    """A model and its TrainConfig from a checkpoint (a run folder or a checkpoint folder); see `open_checkpoint`."""
+    model, cfg, _ = open_checkpoint(path, device, say)
+    return model, cfg
 
 
 def saved_tokenizer(path: str | Path) -> Path | None:

@@ -152,10 +152,16 @@ def check_resume_config(saved: dict, cfg: TrainConfig, saved_world: int = 1, wor
     old, new = flatten(with_defaults(saved)), flatten(to_dict(cfg))
     if saved_world != world:
         old_global, new_global = old.get("batch_size", 0) * saved_world, cfg.batch_size * world
+        if old_global % world:
+            fits = [n for n in range(1, old_global + 1) if old_global % n == 0]
+            raise ValueError(f"cannot resume on {world} processes: the checkpoint's global batch of {old_global} sequences "
+                             f"({saved_world} process(es) x batch_size {old.get('batch_size')}) is not divisible by {world}; "
+                             f"resume with a number of processes that divides {old_global} ({', '.join(map(str, fits[:8]))}"
+                             f"{', ...' if len(fits) > 8 else ''})")
         if old_global != new_global:
             raise ValueError(f"cannot change the global batch on resume: the checkpoint's {saved_world} process(es) x "
                              f"batch_size {old.get('batch_size')} = {old_global} sequences, this job's {world} x "
-                             f"{cfg.batch_size} = {new_global}; set batch_size={old_global // world if old_global % world == 0 else '?'}")
+                             f"{cfg.batch_size} = {new_global}; set batch_size={old_global // world}")
         old.pop("batch_size", None), new.pop("batch_size", None)
     diff = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
             if k.split(".")[0] not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]

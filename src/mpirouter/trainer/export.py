@@ -25,9 +25,10 @@ import torch
 from safetensors import safe_open
 
 from ..common.config import to_dict
+from ..common.files import fit_name
 from ..common.version import __version__
 from . import checkpoint as ckpt
-from .checkpoint import TOKENIZER_FILE, load_model, saved_tokenizer
+from .checkpoint import TOKENIZER_FILE, open_checkpoint, saved_tokenizer
 
 MARKER = "export.json"
 EXPORT_FORMAT = "mpirouter-export"
@@ -109,21 +110,21 @@ def check_destination(src: str | Path, out: str | Path, force: bool = False) -> 
 
 
 @torch.no_grad()
-def export_checkpoint(src: str | Path, out: str | Path, verify: bool = True, atol: float = 1e-4, force: bool = False) -> Path:
+def export_checkpoint(src: str | Path, out: str | Path, verify: bool = True, atol: float = 1e-4, force: bool = False,
+                      say=ckpt._warn) -> Path:
     """Write `out/` with model.safetensors + config.json (+ tokenizer.json) holding folded routers, and export.json.
 
     With verify=True the folded model's logits on a fixed probe batch must be finite and match
     the original's within `atol`, else a RuntimeError is raised and nothing is written. See
     `check_destination` for which `out` is refused (FileExistsError); `force=True` replaces an
-    earlier export, and only that.
+    earlier export, and only that. Given a run, its newest checkpoint that loads with finite weights is
+    exported (`checkpoint.open_checkpoint`; `say` reports any skipped).
     """
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
         raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
     out = Path(out)
     replace = check_destination(src, out, force)
-    src_dir = ckpt.resolve_checkpoint(src)
-
-    model, cfg = load_model(src)
+    model, cfg, src_dir = open_checkpoint(src, say=say)
     probe = torch.randint(0, cfg.model.vocab_size, (2, min(32, cfg.model.max_seq_len)), generator=torch.Generator().manual_seed(0))
     before = model(probe).logits
     model.fold_routers()
@@ -151,26 +152,34 @@ def export_checkpoint(src: str | Path, out: str | Path, verify: bool = True, ato
 
     out.parent.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
-    tmp = out.parent / f".{out.name}.export-tmp-{pid}"
-    old = out.parent / f".{out.name}.export-old-{pid}"
+    # a legal long --out name must not make its hidden siblings' names too long
+    tmp = out.parent / fit_name(out.name, f".export-tmp-{pid}", prefix=".")
+    old = out.parent / fit_name(out.name, f".export-old-{pid}", prefix=".")
     for path in (tmp, old):
         if path.exists() or path.is_symlink():
             raise FileExistsError(f"temporary export folder {path} already exists (left by a crashed export?); remove it and retry")
     tmp.mkdir()  # from here on, tmp is ours to remove
     try:
-        ckpt.save_weights(ckpt.model_tensors(model), tmp / ckpt.WEIGHTS, metadata)
-        (tmp / ckpt.CONFIG).write_text(json.dumps(to_dict(cfg), indent=2))
-        tokenizer = saved_tokenizer(src)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-        # the marker last: a folder with it is a complete export
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        ckpt.fsync_files(tmp)
-        _place(tmp, out, old if replace else None)
+        _write_export(model, cfg, marker, metadata, src, tmp, out, old if replace else None)
+    except (Exception, ckpt.CheckpointException) as e:
+        raise ckpt.write_error(e, out.parent, f"the export {out}", kept="nothing was written there") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_export(model, cfg, marker: dict, metadata: dict, src, tmp: Path, out: Path, old: Path | None) -> None:
+    """Write the export into `tmp`, flush it and rename it into place as `out` (`_place`)."""
+    ckpt.save_weights(ckpt.model_tensors(model), tmp / ckpt.WEIGHTS, metadata)
+    (tmp / ckpt.CONFIG).write_text(json.dumps(to_dict(cfg), indent=2))
+    tokenizer = saved_tokenizer(src)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    # the marker last: a folder with it is a complete export
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    ckpt.fsync_files(tmp)
+    _place(tmp, out, old)
 
 
 def _place(tmp: Path, out: Path, old: Path | None) -> None:

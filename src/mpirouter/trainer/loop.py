@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 
 from ..common import provenance
 from ..common.config import check_number, to_dict
@@ -202,61 +204,54 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
          stop_at: int | None, run_dir: Path, stop: _StopOnSignal, say) -> TrainResult:
     main = ctx is None or ctx.is_main
     world = 1 if ctx is None else ctx.world_size
-    saved = state = tensors = None
-    if resume:
-        # rank 0 picks the checkpoint (falling back past unreadable ones) and every rank uses its choice
-        found = None
+    wanted = cfg
+    while True:  # once for a new run; for a resume, until a checkpoint loads whole and finite
+        saved = state = tensors = None
+        if resume:
+            saved, tensors, state = _resume_point(ctx, run_dir, stop_at, say)
+        cfg = resolve_config(wanted, data.tokenizer.vocab_size)
+        start_step, sharded = 0, False
+        if state is not None:
+            check_resume_config(saved, cfg, state.get("world_size", 1), world)
+            start_step = state["step"]
+            if cfg.steps < start_step or (cfg.steps == start_step and cfg.steps != saved["steps"]):
+                raise ValueError(f"--steps {cfg.steps} must be above the checkpoint's step {start_step} (the run needs at least "
+                                 f"one more step to end with its final evaluation)")
+            if cfg.steps != saved["steps"]:
+                old_lr = lr_multiplier(start_step, saved["steps"], cfg.schedule) * cfg.optim.lr
+                new_lr = lr_multiplier(start_step, cfg.steps, cfg.schedule) * cfg.optim.lr
+                change = f"stays {new_lr:.3g}" if old_lr == new_lr else f"moves from {old_lr:.3g} to {new_lr:.3g}"
+                say(f"{'extending' if cfg.steps > saved['steps'] else 'shortening'} the run from {saved['steps']} to {cfg.steps} steps: "
+                    f"the {cfg.schedule.kind} schedule is recomputed for {cfg.steps} steps; the lr at step {start_step} {change}")
+            elif start_step == cfg.steps:
+                history = read_metrics(run_dir)
+                final = next(({k: v for k, v in r.items() if k not in ("event", "step", "tokens")} for r in reversed(history)
+                              if r.get("event") == "eval" and r.get("step") == start_step), None)
+                timing = next((r for r in reversed(history) if r.get("event") == "timing"), {})
+                say(f"{run_dir} already finished its {cfg.steps} steps; nothing to do (pass --steps N to extend it)")
+                med = timing.get("step_time_median_s", float("nan"))
+                return TrainResult(run_dir, start_step, final, history, med, timing.get("tokens_per_s", 0.0))
+            sharded = ckpt.is_sharded(state["path"])
+            if not sharded and ctx is not None:
+                if cfg.dist.strategy != "ddp" or cfg.dist.ep > 1:
+                    raise ValueError(f"{state['path']} was written by one process; resume it under torchrun with "
+                                     f"dist.strategy=ddp and dist.ep=1 (its optimizer state is not keyed by parameter name)")
+                _, tensors, _ = ckpt.load_checkpoint(state["path"], with_state=False)
+        model = build_model(cfg, cfg.model.vocab_size, device)
+        amp = autocast_dtype(cfg.precision, device)
+        par = parallelize(model, ctx, param_dtype=amp if device.type == "cuda" else None) if ctx is not None else None
+        optimizer = build_optimizer(model, cfg.optim)  # before loading: AdamH/MuonH take their radii from the initial weights
+        problem = _restore(model, optimizer, tensors, state, sharded, ctx, device)
+        if problem is None:
+            break
+        # a checkpoint that passed the file checks but does not load (bytes flipped inside a shard, NaN weights):
+        # every rank knows; rank 0 sets it aside and the next pass takes the previous one
         if main:
-            try:
-                found = _find_checkpoint(run_dir, stop_at, say, weights=False)
-            except Exception as e:
-                if ctx is None:
-                    raise
-                found = e
-        if ctx is not None:  # the others get the config and state; each rank reads the weights itself
-            found = agree(ctx, found if isinstance(found, Exception) or not main else (found[0], None, found[2]))
-        if isinstance(found, Exception):
-            raise found
-        saved, tensors, state = found
-    cfg = resolve_config(cfg, data.tokenizer.vocab_size)
-    start_step, sharded = 0, False
+            moved = ckpt.set_aside([state["path"]])[0]
+            say(f"warning: checkpoint {state['path']} could not be loaded ({problem}); set it aside as {moved}, "
+                f"trying the previous checkpoint")
+        agree(ctx, None)  # nobody looks for the next checkpoint before it is set aside
     if state is not None:
-        check_resume_config(saved, cfg, state.get("world_size", 1), world)
-        start_step = state["step"]
-        if cfg.steps < start_step or (cfg.steps == start_step and cfg.steps != saved["steps"]):
-            raise ValueError(f"--steps {cfg.steps} must be above the checkpoint's step {start_step} (the run needs at least "
-                             f"one more step to end with its final evaluation)")
-        if cfg.steps != saved["steps"]:
-            old_lr = lr_multiplier(start_step, saved["steps"], cfg.schedule) * cfg.optim.lr
-            new_lr = lr_multiplier(start_step, cfg.steps, cfg.schedule) * cfg.optim.lr
-            change = f"stays {new_lr:.3g}" if old_lr == new_lr else f"moves from {old_lr:.3g} to {new_lr:.3g}"
-            say(f"{'extending' if cfg.steps > saved['steps'] else 'shortening'} the run from {saved['steps']} to {cfg.steps} steps: "
-                f"the {cfg.schedule.kind} schedule is recomputed for {cfg.steps} steps; the lr at step {start_step} {change}")
-        elif start_step == cfg.steps:
-            history = read_metrics(run_dir)
-            final = next(({k: v for k, v in r.items() if k not in ("event", "step", "tokens")} for r in reversed(history)
-                          if r.get("event") == "eval" and r.get("step") == start_step), None)
-            timing = next((r for r in reversed(history) if r.get("event") == "timing"), {})
-            say(f"{run_dir} already finished its {cfg.steps} steps; nothing to do (pass --steps N to extend it)")
-            med = timing.get("step_time_median_s", float("nan"))
-            return TrainResult(run_dir, start_step, final, history, med, timing.get("tokens_per_s", 0.0))
-        sharded = ckpt.is_sharded(state["path"])
-        if not sharded and ctx is not None:
-            if cfg.dist.strategy != "ddp" or cfg.dist.ep > 1:
-                raise ValueError(f"{state['path']} was written by one process; resume it under torchrun with "
-                                 f"dist.strategy=ddp and dist.ep=1 (its optimizer state is not keyed by parameter name)")
-            _, tensors, _ = ckpt.load_checkpoint(state["path"], with_state=False)
-    model = build_model(cfg, cfg.model.vocab_size, device)
-    amp = autocast_dtype(cfg.precision, device)
-    par = parallelize(model, ctx, param_dtype=amp if device.type == "cuda" else None) if ctx is not None else None
-    optimizer = build_optimizer(model, cfg.optim)  # before loading: AdamH/MuonH take their radii from the initial weights
-    if tensors is not None and not sharded:
-        ckpt.load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
-    if state is not None:
-        if sharded:
-            sharded_checkpoint.load_sharded(state["path"], model, optimizer)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -397,6 +392,69 @@ def _find_checkpoint(run_dir: Path, stop_at: int | None, say, weights: bool) -> 
     for moved in ckpt.set_aside(unreadable):
         say(f"set the unreadable checkpoint aside as {moved}")
     return saved, tensors, state
+
+
+def _resume_point(ctx: DistContext | None, run_dir: Path, stop_at: int | None, say) -> tuple[dict, dict | None, dict]:
+    """(config, weights or None, train state) of the checkpoint to resume: rank 0 picks it (falling back past
+    unreadable ones) and every rank gets its choice; each rank reads the sharded weights itself."""
+    found = None
+    if ctx is None or ctx.is_main:
+        try:
+            found = _find_checkpoint(run_dir, stop_at, say, weights=False)
+        except Exception as e:
+            if ctx is None:
+                raise
+            found = e
+    if ctx is not None:  # the others get the config and state
+        found = agree(ctx, found if isinstance(found, Exception) or not ctx.is_main else (found[0], None, found[2]))
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def _restore(model: MoELM, optimizer, tensors: dict | None, state: dict | None, sharded: bool, ctx: DistContext | None,
+             device: torch.device) -> str | None:
+    """Load a checkpoint's weights and optimizer state into the fresh `model` and `optimizer`.
+
+    Returns None when it loaded and every weight and optimizer value is finite, else what went wrong
+    (on every rank: the ranks' reports are gathered, so all of them fall back together). A sharded
+    checkpoint's files are first checked against their sha256, each rank its share, and only then loaded:
+    the load is collective, so every rank must go into it or none.
+    """
+    def attempt(work) -> str | None:
+        problem = None
+        try:
+            problem = work()
+        except MemoryError:
+            raise
+        # DCP (its CheckpointException is a BaseException) and pickle raise many types for a damaged shard:
+        # each means "cannot use this one"
+        except (Exception, CheckpointException) as e:
+            problem = ckpt.load_error_text(e)
+        if ctx is None:
+            return problem
+        problems = [None] * ctx.world_size
+        dist.all_gather_object(problems, problem)
+        return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+
+    def load() -> str | None:
+        if tensors is not None and not sharded:
+            ckpt.load_model_tensors(model, {k: v.to(device) for k, v in tensors.items()})
+        if state is None:
+            return None
+        if sharded:
+            sharded_checkpoint.load_sharded(state["path"], model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        local = [sharded_checkpoint.local_tensor(t) for t in [*model.parameters(), *ckpt.nested_tensors(optimizer.state_dict())]]
+        return None if ckpt.all_finite(t.detach() for t in local) else "its weights or optimizer state are not all finite"
+
+    if state is not None and sharded:
+        part = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
+        problem = attempt(lambda: ckpt.verify_checksums(state["path"], part))
+        if problem is not None:
+            return problem
+    return attempt(load)
 
 
 def _progress(cfg: TrainConfig, start: int):

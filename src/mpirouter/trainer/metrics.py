@@ -48,8 +48,11 @@ class MetricsWriter:
                 print("tensorboard is not installed; writing metrics.jsonl only (pip install tensorboard)")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a failed write(2) names no file: say which (a full disk is reported as such)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self._tb is not None:
             event, step = record.get("event", "log"), record.get("step", 0)
             for key, value in record.items():

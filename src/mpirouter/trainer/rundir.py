@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
 
+from ..common.files import fit_name
 from .checkpoint import CHECKPOINT_FILES, CONFIG, LATEST, STEP_NAME
 from .metrics import METRICS_FILE
 
@@ -33,8 +33,6 @@ ASIDE_MARK = ".old-"
 """Moved-aside folders are named `<name>.old-<UTC time>`; report discovery skips them."""
 CONFIG_KEYS = frozenset({"model", "data", "optim", "steps", "out_dir"})
 """Top-level keys every config.json the trainer writes has (it writes all of TrainConfig's fields)."""
-NAME_MAX = 255
-"""Longest file name most file systems take (bytes); a derived name (`.old-<time>`) is kept within it."""
 
 
 class RunLockedError(RuntimeError):
@@ -121,21 +119,6 @@ def move_aside(path: Path) -> Path:
         n += 1
     os.rename(path, target)
     return target
-
-
-def fit_name(name: str, suffix: str, prefix: str = "") -> str:
-    """`prefix + name + suffix`, with `name` shortened (keeping its start) so the result fits NAME_MAX bytes.
-
-    Names derived from a user's folder (moved-aside and temporary siblings) must not fail on a
-    long but legal folder name; a shortened name keeps a hash of the whole so two long names stay apart.
-    """
-    whole = f"{prefix}{name}{suffix}"
-    if len(whole.encode()) <= NAME_MAX:
-        return whole
-    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
-    room = NAME_MAX - len(f"{prefix}{tag}{suffix}".encode())
-    short = name.encode()[:room].decode(errors="ignore")
-    return f"{prefix}{short}{tag}{suffix}"
 
 
 class RunLock:

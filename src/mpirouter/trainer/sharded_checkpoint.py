@@ -13,6 +13,7 @@ world size or strategy, and `checkpoint.full_weights` reads the whole model in o
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import warnings
@@ -28,14 +29,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from ..optim import hyperball_radii, load_hyperball_radii, torch_optimizers
 from ..parallel.env import DistContext, agree, any_rank
-from .checkpoint import CONFIG, DCP_DIR, STATE, NonFiniteWeightsError, all_finite, publish, temporary_folder
+from .checkpoint import (CONFIG, DCP_DIR, STATE, NonFiniteWeightsError, all_finite, load_error_text, publish,
+                         temporary_folder, write_checksums, write_error)
+from .shards import file_sha256
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) parameter or state; a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -45,32 +50,61 @@ def save_sharded(run_dir: str | Path, step: int, ctx: DistContext, model: torch.
 
     Refuses on every rank (NonFiniteWeightsError, nothing written) when any rank holds a NaN/inf weight.
     """
-    if any_rank(ctx, not all_finite([_local(p.detach()) for p in model.parameters()])):
+    if any_rank(ctx, not all_finite([local_tensor(p.detach()) for p in model.parameters()])):
         raise NonFiniteWeightsError(f"weights are not finite at step {step}; no checkpoint written")
-    tmp = Path(run_dir) / "checkpoints" / f".tmp-step_{step:07d}"
-    error = None
-    if ctx.is_main:
-        try:
-            tmp = temporary_folder(run_dir, step)
-        except OSError as e:
-            error = f"cannot write the checkpoint folder {tmp}: {e}"
-    error = agree(ctx, error)
-    if error:
-        raise OSError(error)
+    folder, what = Path(run_dir) / "checkpoints", f"the checkpoint of step {step}"
+    tmp = folder / f".tmp-step_{step:07d}"
+
+    def stage(work, everyone: bool) -> None:
+        """Run `work` (on every rank, or rank 0 alone) and make every rank raise the same one-line error if it failed
+        anywhere, so that none waits in the next collective for a rank that gave up."""
+        error = None
+        if everyone or ctx.is_main:
+            try:
+                work()
+            except MemoryError:
+                raise
+            except (Exception, CheckpointException) as e:
+                reported = write_error(e, folder, what)
+                if not isinstance(reported, OSError):
+                    reported = OSError(errno.EIO, f"writing {what} to {folder} failed ({load_error_text(e)})")
+                error = reported.args
+        if everyone:  # DCP raises the same CheckpointException on every rank; rank 0's account is the one shown
+            error = agree(ctx, error) if any_rank(ctx, error is not None) else None
+        else:
+            error = agree(ctx, error)
+        if error is not None:
+            if ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            failure = OSError(*error)
+            failure.shown_by_rank0 = not ctx.is_main
+            raise failure
+
+    def make_folder() -> None:
+        nonlocal tmp
+        tmp = temporary_folder(run_dir, step)
+
+    stage(make_folder, everyone=False)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, torch_optimizers(optimizer)),
              "hyperball": hyperball_radii(model, optimizer)}  # AdamH/MuonH radii: the only state outside the torch optimizers
-    try:
-        dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))  # collective: returns once every rank's shard and the metadata are written
-        if ctx.is_main:
-            torch.save({**train_state, "world_size": ctx.world_size}, tmp / STATE)
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-    except BaseException:
-        if ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    final = publish(tmp, keep) if ctx.is_main else tmp.with_name(tmp.name.removeprefix(".tmp-"))
-    dist.barrier()  # nobody goes on (or starts the next save) before the checkpoint is in place
-    return final
+    tmp = agree(ctx, tmp)
+    # collective: returns once every rank's shard and the metadata are written (or raises on every rank)
+    stage(lambda: dcp.save(state, checkpoint_id=str(tmp / DCP_DIR)), everyone=True)
+    # each rank hashes the files it wrote (DCP names them __<rank>_<n>.distcp); rank 0 the rest
+    sums: list[dict] = [{}] * ctx.world_size
+    dist.all_gather_object(sums, {f"{DCP_DIR}/{f.name}": file_sha256(f) for f in sorted((tmp / DCP_DIR).glob(f"__{ctx.rank}_*"))})
+
+    def finish() -> None:
+        torch.save({**train_state, "world_size": ctx.world_size}, tmp / STATE)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        known = {k: v for part in sums for k, v in part.items()}
+        rest = [f for f in sorted((tmp / DCP_DIR).iterdir()) if f.is_file() and f"{DCP_DIR}/{f.name}" not in known]
+        known.update({f"{DCP_DIR}/{f.name}": file_sha256(f) for f in rest})
+        write_checksums(tmp, {**known, STATE: file_sha256(tmp / STATE)})
+        publish(tmp, keep)
+
+    stage(finish, everyone=False)
+    return tmp.with_name(tmp.name.removeprefix(".tmp-"))  # every rank waited in `stage` until it was published
 
 
 def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer=None) -> None:

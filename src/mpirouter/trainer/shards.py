@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..common.config import from_dict
-from ..common.files import fsync_dir, fsync_files
+from ..common.files import fit_name, fsync_dir, fsync_files
 from ..common.version import __version__
 
 __all__ = [
@@ -244,7 +244,7 @@ def write_shards(out: str | os.PathLike, train_ids: np.ndarray, val_ids: np.ndar
     _check_ids("val", val_ids, source.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     # pid + random suffix: concurrent writers (even on a shared filesystem) never share a temporary folder
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = out.with_name(fit_name(out.name, f".{os.getpid()}.{secrets.token_hex(4)}.tmp", prefix="."))  # a long --out fits
     tmp.mkdir()
     try:
         sha = {TRAIN_FILE: _write_bin(tmp / TRAIN_FILE, train_ids, DTYPES[dtype]),
