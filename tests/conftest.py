@@ -95,3 +95,21 @@ def small_disk(tmp_path):
     yield make
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """`text_corpus(chars)`: the first `chars` characters of the embedded corpus as a .txt file (made once per size).
+
+    Small corpora keep multi-process tests fast: a run's final evaluation reads its whole validation split."""
+    made: dict[int, Path] = {}
+
+    def make(chars: int) -> Path:
+        if chars not in made:
+            from mpirouter.trainer.data import embedded_corpus
+
+            made[chars] = tmp_path_factory.mktemp("corpus") / "text.txt"
+            made[chars].write_text(embedded_corpus().text[:chars])
+        return made[chars]
+
+    return make

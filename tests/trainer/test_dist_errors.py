@@ -18,18 +18,8 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small corpus: the final evaluation reads its whole validation split."""
-    from mpirouter.trainer.data import embedded_corpus
-
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(embedded_corpus().text[:40_000])
-    return path
-
-
-@pytest.fixture(scope="module")
-def TRAIN(corpus) -> list[str]:
-    return ["train", "--preset", "debug", "--batch-size", "2", "--data", str(corpus), "--set", "progress=false",
+def train_args(text_corpus) -> list[str]:
+    return ["train", "--preset", "debug", "--batch-size", "2", "--data", str(text_corpus(40_000)), "--set", "progress=false",
             "--set", "eval_every=0", "--set", "model.max_seq_len=16"]
 
 
@@ -40,19 +30,19 @@ def ours(output: str) -> list[str]:
             if line.startswith(("mpirouter train", "mpirouter compare", "mpirouter [rank", "[rank", "warning:"))]
 
 
-def test_a_bad_setting_is_printed_once_not_once_per_rank(torchrun, tmp_path, TRAIN):
+def test_a_bad_setting_is_printed_once_not_once_per_rank(torchrun, tmp_path, train_args):
     """Row 20: every rank printed the same bad-input line (rank 0's, then "[rank 1]")."""
-    done = torchrun("-m", 2, "mpirouter", *TRAIN, "--steps", "2", "--set", "model.moe.top_k=99", "--out", str(tmp_path / "r"),
+    done = torchrun("-m", 2, "mpirouter", *train_args, "--steps", "2", "--set", "model.moe.top_k=99", "--out", str(tmp_path / "r"),
                     check=False)
     assert done.returncode != 0
     assert ours(done.stdout) == ["mpirouter train: error: model.moe: top_k must be in [1, num_experts=4], got 99"]
     assert not (tmp_path / "r").exists()
 
 
-def test_a_rank_that_cannot_write_its_shard_is_named_once(torchrun, tmp_path, TRAIN):
+def test_a_rank_that_cannot_write_its_shard_is_named_once(torchrun, tmp_path, train_args):
     """Row 12: one rank's folder read-only gave a CheckpointException traceback on both ranks."""
     run = tmp_path / "r"
-    done = torchrun(HERE / "dist_faults.py", 2, "1", str(errno.EACCES), *TRAIN, "--steps", "4", "--set", "ckpt_every=2",
+    done = torchrun(HERE / "dist_faults.py", 2, "1", str(errno.EACCES), *train_args, "--steps", "4", "--set", "ckpt_every=2",
                     "--out", str(run), check=False)
     lines = ours(done.stdout)
     assert done.returncode != 0 and len(lines) == 1, done.stdout[-3000:]
@@ -61,10 +51,10 @@ def test_a_rank_that_cannot_write_its_shard_is_named_once(torchrun, tmp_path, TR
     assert not [p for p in (run / "checkpoints").iterdir() if p.name != "latest"]  # the temporary folder went too
 
 
-def test_a_full_disk_under_torchrun_is_one_line_and_keeps_the_previous_checkpoint(torchrun, small_disk, TRAIN):
+def test_a_full_disk_under_torchrun_is_one_line_and_keeps_the_previous_checkpoint(torchrun, small_disk, train_args):
     """Row 11: a full disk during a save gave RuntimeError/CheckpointException tracebacks."""
     run = small_disk("5m") / "r"
-    done = torchrun("-m", 2, "mpirouter", *TRAIN, "--steps", "200", "--set", "ckpt_every=10", "--set", "model.max_seq_len=64",
+    done = torchrun("-m", 2, "mpirouter", *train_args, "--steps", "200", "--set", "ckpt_every=10", "--set", "model.max_seq_len=64",
                     "--out", str(run), check=False)
     lines = ours(done.stdout)
     assert done.returncode != 0 and len(lines) == 1, done.stdout[-3000:]
@@ -75,9 +65,9 @@ def test_a_full_disk_under_torchrun_is_one_line_and_keeps_the_previous_checkpoin
 
 
 @pytest.fixture(scope="module")
-def sharded_run(torchrun, tmp_path_factory, TRAIN) -> Path:
+def sharded_run(torchrun, tmp_path_factory, train_args) -> Path:
     run = tmp_path_factory.mktemp("sharded") / "r"
-    torchrun("-m", 2, "mpirouter", *TRAIN, "--steps", "4", "--set", "ckpt_every=2", "--set", "ckpt_keep=2", "--out", str(run))
+    torchrun("-m", 2, "mpirouter", *train_args, "--steps", "4", "--set", "ckpt_every=2", "--set", "ckpt_keep=2", "--out", str(run))
     return run
 
 

@@ -65,13 +65,9 @@ def assert_close_curves(a: list[dict], b: list[dict], rtol: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(text_corpus) -> Path:
     """A small corpus: its validation split (the final eval reads all of it) takes a few batches."""
-    from mpirouter.trainer.data import embedded_corpus
-
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(embedded_corpus().text[:120_000])
-    return path
+    return text_corpus(120_000)
 
 
 @pytest.fixture(scope="module")
