@@ -324,3 +324,31 @@ def test_a_long_but_legal_out_name_works(run_dir, tmp_path, capsys, command):
     code, _, err = cli(argv, capsys)
     assert code == 0, err
     assert out.is_dir() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_force_with_out_dot_starts_the_new_run_beside_the_old_one_not_inside_it(tmp_path, monkeypatch, capsys):
+    """From inside a run, `train --out . --force` moved the run aside and then wrote the new one into it (the working
+    folder moves with it): the old run's config, metrics and checkpoints were replaced or rotated away."""
+    run = tmp_path / "a"
+    assert cli(["train", *FAST, "--out", str(run), "--set", "ckpt_every=2", "--set", "ckpt_keep=5"], capsys)[0] == 0
+    old = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    monkeypatch.chdir(run)
+    assert cli(["train", *FAST, "--steps", "3", "--out", ".", "--force"], capsys)[0] == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("a.old-")]
+    assert len(aside) == 1
+    assert {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file() and p.name != ".lock"} == old
+    assert json.loads((run / "config.json").read_text())["steps"] == 3 and (run / "checkpoints" / "step_0000003").is_dir()
+
+
+def test_demo_with_out_dot_inside_an_earlier_demo_leaves_it_whole(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 400)
+    demo = ["demo", "--preset", "debug", "--steps", "2", "--routers", "linear", "--data", str(corpus)]
+    assert cli([*demo, "--out", str(tmp_path / "d")], capsys)[0] == 0
+    old = {p.relative_to(tmp_path / "d"): p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file() and p.name != ".lock"}
+    monkeypatch.chdir(tmp_path / "d")
+    assert cli([*demo, "--out", "."], capsys)[0] == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("d.old-")]
+    assert len(aside) == 1
+    assert {p.relative_to(aside[0]): p.read_bytes() for p in aside[0].rglob("*") if p.is_file() and p.name != ".lock"} == old
+    assert (tmp_path / "d" / "summary.json").is_file()

@@ -5,7 +5,7 @@ import pytest
 from mpirouter.experiments.demo import claim_demo_folder
 
 
-START = '{"event": "start", "step": 0}\n'
+START = '{"event": "start", "step": 0, "params_total": 10}\n'
 
 
 def make_demo(out):

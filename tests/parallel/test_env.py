@@ -13,7 +13,6 @@ from mpirouter.parallel.env import agree, any_rank, init_distributed, launched_b
     ("ep", 0, "dist.ep"),
     ("ep", 1.5, "dist.ep"),
     ("timeout_s", 0, "dist.timeout_s"),
-    ("timeout_s", 0.001, r"dist.timeout_s must be >= 10"),  # issue #22 row 15: accepted, then a DistStoreError traceback
 ], ids=lambda v: str(v))
 def test_bad_settings_are_refused_with_their_name(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -44,3 +43,14 @@ def test_under_torchrun_cuda_means_this_ranks_gpu(monkeypatch):
     assert rank_device(torch.device("cuda")) == torch.device("cuda", 1)
     assert rank_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an explicit index is kept
     assert rank_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_a_job_refuses_a_timeout_too_short_to_start(monkeypatch):
+    """Issue #22 row 15: dist.timeout_s=0.001 was accepted, then failed with a DistStoreError traceback. A saved config
+    with a short timeout still loads (one process ignores it); a job refuses it before joining a process group."""
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=r"dist.timeout_s=0.001 is too short .* use at least 10 s"):
+        init_distributed(DistConfig(timeout_s=0.001), torch.device("cpu"))
+    assert not torch.distributed.is_initialized()

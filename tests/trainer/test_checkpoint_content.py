@@ -163,3 +163,21 @@ def _write_sharded_run(run):
         (tmp / ckpt.CONFIG).write_text(json.dumps(config))
         ckpt.write_checksums(tmp, {f"{ckpt.DCP_DIR}/{f.name}": ckpt.file_sha256(f) for f in (tmp / ckpt.DCP_DIR).iterdir()})
         ckpt.publish(tmp, keep=3)
+
+
+@pytest.mark.parametrize("failure", ["out-of-memory", "permission-denied"])
+def test_a_load_that_fails_for_this_machine_sets_nothing_aside(run, capsys, monkeypatch, failure):
+    """Out of memory or a refused read says nothing about the checkpoint: reported, and every checkpoint kept."""
+    import torch
+
+    error = torch.OutOfMemoryError("CUDA out of memory") if failure == "out-of-memory" else PermissionError(13, "Permission denied", "x")
+
+    def fails(*a, **k):
+        raise error
+
+    monkeypatch.setattr(ckpt, "load_model_tensors" if failure == "out-of-memory" else "load_file", fails)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    code, _, err = cli(["train", "--resume", "--out", str(run), "--steps", "6"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("out of memory" if failure == "out-of-memory" else "Permission denied") in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before

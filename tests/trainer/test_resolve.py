@@ -45,6 +45,10 @@ TABLE = [
     ("new-optimizer-drops-files-lr", lambda f: dict(config_file=f, flags={"optim.name": "muon"}), "optim.lr", None),
     ("new-optimizer-with-set-lr", lambda f: dict(config_file=f, flags={"optim.name": "muon"}, overrides=("optim.lr=0.02",)), "optim.lr", 0.02),
     ("same-optimizer-keeps-files-lr", lambda f: dict(config_file=f, flags={"optim.name": "adamw"}), "optim.lr", 0.01),
+    # a set adam_lr does not keep the old optimizer's lr (a muon lr is no adamw lr)
+    ("new-optimizer-with-set-adam-lr-drops-files-lr", lambda f: dict(config_file=f, flags={"optim.name": "muon"},
+                                                                     overrides=("optim.adam_lr=0.002",)), "optim.lr", None),
+    ("set-optimizer-drops-files-lr", lambda f: dict(config_file=f, overrides=("optim.name=muon",)), "optim.lr", None),
     ("out-flag", lambda f: dict(defaults=DEFAULTS, flags={"out_dir": "runs/x"}), "out_dir", "runs/x"),
     ("set-out-dir", lambda f: dict(defaults=DEFAULTS, overrides=("out_dir=runs/y",)), "out_dir", "runs/y"),
     ("default-out-dir", lambda f: dict(defaults=DEFAULTS, flags={"seed": 3}), "out_dir", "runs/tiny-mpi-s3"),

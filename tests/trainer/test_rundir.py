@@ -16,7 +16,7 @@ from mpirouter.trainer.rundir import (LOCK_FILE, RunLock, RunLockedError, claim_
 def make_run(path, content="{}"):
     path.mkdir(parents=True)
     (path / "config.json").write_text(content)
-    (path / "metrics.jsonl").write_text('{"event": "start"}\n')
+    (path / "metrics.jsonl").write_text('{"event": "start", "step": 0, "params_total": 10}\n')
     (path / "checkpoints").mkdir()
     return path
 
@@ -129,7 +129,8 @@ def tree(root):
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
-@pytest.mark.parametrize("layout", ["home-with-checkpoints-dir", "project-config-json", "own-metrics-jsonl", "own-checkpoints"])
+@pytest.mark.parametrize("layout", ["home-with-checkpoints-dir", "project-config-json", "own-metrics-jsonl", "own-checkpoints",
+                                    "step-folder-of-another-tool"])
 def test_a_folder_with_run_like_names_is_not_a_run_and_is_never_moved(tmp_path, layout, force):
     """Issue #22 row 3: a `checkpoints/` or `config.json` of the user's made the folder 'a run', and --force moved it."""
     home = tmp_path / "home"
@@ -141,10 +142,14 @@ def test_a_folder_with_run_like_names_is_not_a_run_and_is_never_moved(tmp_path, 
     elif layout == "project-config-json":
         (home / "config.json").write_text('{"lr": 1}')
     elif layout == "own-metrics-jsonl":
-        (home / "metrics.jsonl").write_text('{"epoch": 1, "acc": 0.5}\n')
-    else:
+        (home / "metrics.jsonl").write_text('{"event": "start", "epoch": 1}\n')
+    elif layout == "own-checkpoints":
         (home / "checkpoints" / "epoch_3").mkdir(parents=True)
         (home / "checkpoints" / "latest").write_text("epoch_3")
+    else:  # a step folder of the trainer's name, holding someone else's files
+        (home / "checkpoints" / "step_0000001").mkdir(parents=True)
+        (home / "checkpoints" / "step_0000001" / "config.json").write_text('{"lr": 1}')
+        (home / "checkpoints" / "latest").write_text("step_0000001")
     before = tree(tmp_path)
     assert not is_run_folder(home)
     with pytest.raises(FileExistsError, match="is not empty and holds no run"):
@@ -152,7 +157,7 @@ def test_a_folder_with_run_like_names_is_not_a_run_and_is_never_moved(tmp_path, 
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("marker", ["metrics-start-record", "train-config", "checkpoint-latest", "checkpoint-folder"])
+@pytest.mark.parametrize("marker", ["metrics-start-record", "train-config", "checkpoint-folder"])
 def test_each_trainer_marker_alone_makes_a_run(tmp_path, marker):
     run = tmp_path / "r"
     run.mkdir()
@@ -160,12 +165,10 @@ def test_each_trainer_marker_alone_makes_a_run(tmp_path, marker):
         (run / "metrics.jsonl").write_text('{"event": "start", "step": 0, "params_total": 10}\n')
     elif marker == "train-config":
         (run / "config.json").write_text(json.dumps(to_dict(TrainConfig())))
-    elif marker == "checkpoint-latest":
-        (run / "checkpoints").mkdir()
-        (run / "checkpoints" / "latest").write_text("step_0000010")
     else:
         (run / "checkpoints" / "step_0000010").mkdir(parents=True)
-        (run / "checkpoints" / "step_0000010" / "config.json").write_text("{}")
+        (run / "checkpoints" / "step_0000010" / "config.json").write_text(json.dumps(to_dict(TrainConfig())))
+        (run / "checkpoints" / "step_0000010" / "model.safetensors").write_bytes(b"")
     assert is_run_folder(run)
     with pytest.raises(FileExistsError, match="already holds a run"):
         claim_new_run(run)
@@ -187,3 +190,16 @@ def test_a_long_folder_name_can_still_be_moved_aside(tmp_path):
     claim_new_run(run, force=True, say=lambda _: None).release()
     aside = [p for p in tmp_path.iterdir() if is_moved_aside(p)]
     assert len(aside) == 1 and len(aside[0].name.encode()) <= 255 and (aside[0] / "config.json").is_file()
+
+
+def test_a_resume_through_a_symbolic_link_to_another_runs_checkpoints_is_refused(tmp_path):
+    """Rotation and clean-up of stale temporaries would reach into the run the link points to."""
+    other = make_run(tmp_path / "A")
+    (other / "checkpoints" / ".tmp-step_0000008").mkdir()  # another job's save in progress
+    run = tmp_path / "B"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(other / "checkpoints")
+    before = tree(tmp_path)
+    with pytest.raises(FileExistsError, match="checkpoints is a symbolic link"):
+        lock_existing_run(run)
+    assert tree(tmp_path) == before

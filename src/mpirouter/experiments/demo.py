@@ -10,6 +10,7 @@ same batches in the same order. Prints a table and writes runs/demo/{summary.md,
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 600, routers: list[str] | 
     routers = routers or ["linear", "mpi"]
     if len(set(routers)) != len(routers) or not all(routers):
         raise ValueError(f"--routers must name distinct routers, got {','.join(routers)}")
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." still names the same folder once an earlier demo there is moved aside
     claim_demo_folder(out)
     cfg0 = demo_config(routers[0], steps, seed, out, preset, data_path, tokenizer)
     data = prepare_data(cfg0.data, cfg0.context)  # tokenized once, shared by every run
@@ -189,5 +190,6 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 600, routers: list[str] | 
     header = f"`{shlex.join(command)}` · {describe(info)}"
     (out / "summary.md").write_text(f"{header}\n\n{table}\n" + (f"\n![curves]({plot.name})\n" if plot else ""))
     (out / "summary.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
-    print("\n" + table + f"\n\n{header}\nwritten: {out / 'summary.md'}" + (f", {plot}" if plot else ""))
+    shown = Path(out_dir)  # as the user gave it
+    print("\n" + table + f"\n\n{header}\nwritten: {shown / 'summary.md'}" + (f", {shown / plot.name}" if plot else ""))
     return rows

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .config import DistConfig
+from .config import MIN_TIMEOUT_S, DistConfig
 
 T = TypeVar("T")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -103,6 +103,9 @@ def init_distributed(cfg: DistConfig, device: torch.device) -> DistContext | Non
     if not launched_by_torchrun():
         return None
     world = int(os.environ["WORLD_SIZE"])
+    if cfg.timeout_s < MIN_TIMEOUT_S:
+        raise ValueError(f"dist.timeout_s={cfg.timeout_s:g} is too short for a job to start (rendezvous, first collective); "
+                         f"use at least {MIN_TIMEOUT_S:g} s")
     if world % cfg.ep:
         raise ValueError(f"dist.ep={cfg.ep} must divide the number of processes ({world})")
     backend = resolve_backend(cfg.backend, device)
@@ -182,11 +185,13 @@ def is_lost_peer(e: BaseException) -> bool:
     return isinstance(e, (RuntimeError, dist.DistError)) and any(sign in text for sign in LOST_PEER_SIGNS)
 
 
-def missing_ranks(wait_s: float = 1.0) -> tuple[list[int], bool] | None:
+def missing_ranks(wait_s: float = 3.0) -> tuple[list[int], bool] | None:
     """After a lost peer: (the ranks that did not answer within `wait_s`, whether this rank is the lowest that did).
 
     Every surviving rank writes a key into the job's store (torchrun's agent holds it, so it outlives the
     dead process) and reads the others'; None when that is not possible (no process group, store gone).
+    Best effort: a survivor that notices the failure more than `wait_s` after the others is counted as
+    stopped (and may print a line of its own).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None

@@ -57,8 +57,6 @@ STEP_NAME = re.compile(r"step_\d{7,}")
 """Names of checkpoint folders; rotation touches nothing else (moved-aside or foreign folders stay)."""
 CHECKSUMS = "sha256.json"
 """{file path relative to the checkpoint folder: hex SHA-256} of the weights and state files (not config.json)."""
-CHECKPOINT_FILES = (WEIGHTS, DCP_DIR, STATE, CONFIG)
-"""What a checkpoint folder holds (one-process: weights, state, config; sharded: dcp/, state, config)."""
 
 
 class NonFiniteWeightsError(ValueError):
@@ -93,7 +91,10 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 def all_finite(tensors) -> bool:
     """Whether every tensor holds only finite values (one host read for all of them)."""
     flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
+    if not flags:
+        return True
+    # gathered on one device: optimizer state mixes them (Adam keeps `step` on the CPU beside CUDA moments)
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def nested_tensors(obj) -> list[torch.Tensor]:
@@ -272,7 +273,12 @@ def set_aside(checkpoints: list[Path]) -> list[Path]:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     moved = []
     for p in checkpoints:
-        target = p.with_name(f"{p.name}.corrupt-{stamp}")
+        if not (STEP_NAME.fullmatch(p.name) and p.parent.name == "checkpoints"):
+            raise CorruptCheckpointError(f"checkpoint {p} is unreadable, and it is not a step folder of a run's checkpoints/: "
+                                         f"nothing was moved")
+        target, n = p.with_name(f"{p.name}.corrupt-{stamp}"), 1
+        while target.exists():
+            target, n = p.with_name(f"{p.name}.corrupt-{stamp}-{n}"), n + 1
         os.rename(p, target)
         moved.append(target)
     return moved
@@ -369,7 +375,9 @@ def _read(ckpt: Path, with_state: bool, weights: bool = True) -> tuple[dict, dic
             state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)
             if not all_finite(nested_tensors(state.get("optimizer"))):
                 raise ValueError("its optimizer state is not all finite")
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, CheckpointException) as e:
+    except (Exception, CheckpointException) as e:
+        if not is_damage(e):  # this machine failing (memory, a refused read) says nothing about the checkpoint
+            raise
         reason = " ".join(str(e).split()) or type(e).__name__
         raise CorruptCheckpointError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {reason[:200]})") from None
     return config, tensors, state
@@ -437,6 +445,26 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
 # ----------------------------------------------------------------------------- a trained model and its tokenizer
 
 
+def is_damage(e: BaseException) -> bool:
+    """Whether a failed load means the checkpoint itself is damaged (skip it for the previous one), rather than this
+    machine failing to read it (out of memory, a refused or failed read, a lost peer: report that, skip nothing).
+
+    Damage: a missing file, content that does not decode (pickle, safetensors, torch.load, DCP's reading of a
+    shard), a sha256 mismatch, weights that do not fit the config (ValueError, KeyError, EOFError).
+    """
+    if isinstance(e, CheckpointException):  # the ranks' own exceptions decide
+        inner = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+        return bool(inner) and all(isinstance(x, BaseException) and is_damage(x) for x in inner)
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or "out of memory" in str(e):
+        return False
+    if isinstance(e, torch.distributed.DistError):
+        return False
+    if isinstance(e, OSError):
+        return isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError))
+    return isinstance(e, (CorruptCheckpointError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError,
+                          RuntimeError))
+
+
 def load_error_text(e: BaseException) -> str:
     """A failed load's cause on one line: for DCP's CheckpointException (which wraps each rank's exception with
     its traceback) the first rank's own exception."""
@@ -464,11 +492,10 @@ def _open_one(ckpt: Path) -> tuple[MoELM, TrainConfig]:
             load_model_tensors(model, load_file(str(ckpt / WEIGHTS)))
         if not all_finite(model.state_dict().values()):  # bytes overwritten in place keep the file's size
             raise ValueError("its weights are not all finite")
-    except MemoryError:
-        raise
-    # DCP (its CheckpointException is a BaseException) and pickle raise many types for a damaged shard:
-    # each means "cannot use this one"
+    # DCP (its CheckpointException is a BaseException) and pickle raise many types for a damaged shard
     except (Exception, CheckpointException) as e:
+        if not is_damage(e):
+            raise
         raise CorruptCheckpointError(f"checkpoint {ckpt} is unreadable ({load_error_text(e)})") from None
     return model, cfg
 

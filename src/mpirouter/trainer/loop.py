@@ -17,7 +17,9 @@ run folder, which checkpoint to resume) is decided there and shared, so a refusa
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -152,7 +154,7 @@ def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False,
     """
     if stop_at is not None:
         check_number("stop_at", stop_at, integer=True, ge=1)
-    run_dir = Path(cfg.out_dir)
+    run_dir = Path(os.path.abspath(cfg.out_dir))  # "." still names the same folder once a run there is moved aside
     device = rank_device(resolve_device(cfg.device))  # bad input is refused before a run is moved aside or locked
     ctx = init_distributed(cfg.dist, device)
     if ctx is not None and not ctx.is_main:
@@ -178,8 +180,8 @@ def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False,
         if requested:  # it arrived during the last step or the final eval: the run is complete and saved
             raise TrainingInterrupted(requested, result.step, ckpt.resolve_checkpoint(run_dir), run_dir)
         return result
-    except (ValueError, NonFiniteLossError, TrainingInterrupted) as e:
-        if ctx is not None and not ctx.is_main:  # raised alike on every rank (shared inputs or agreed verdicts)
+    except (NonFiniteLossError, TrainingInterrupted) as e:
+        if ctx is not None and not ctx.is_main:  # verdicts the ranks agreed on: rank 0 reports them
             e.shown_by_rank0 = True
         raise
     finally:
@@ -206,6 +208,7 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
     world = 1 if ctx is None else ctx.world_size
     wanted = cfg
     while True:  # once for a new run; for a resume, until a checkpoint loads whole and finite
+        notes: list[str] = []  # said once the checkpoint is known to load
         saved = state = tensors = None
         if resume:
             saved, tensors, state = _resume_point(ctx, run_dir, stop_at, say)
@@ -221,8 +224,9 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
                 old_lr = lr_multiplier(start_step, saved["steps"], cfg.schedule) * cfg.optim.lr
                 new_lr = lr_multiplier(start_step, cfg.steps, cfg.schedule) * cfg.optim.lr
                 change = f"stays {new_lr:.3g}" if old_lr == new_lr else f"moves from {old_lr:.3g} to {new_lr:.3g}"
-                say(f"{'extending' if cfg.steps > saved['steps'] else 'shortening'} the run from {saved['steps']} to {cfg.steps} steps: "
-                    f"the {cfg.schedule.kind} schedule is recomputed for {cfg.steps} steps; the lr at step {start_step} {change}")
+                notes.append(f"{'extending' if cfg.steps > saved['steps'] else 'shortening'} the run from {saved['steps']} to "
+                             f"{cfg.steps} steps: the {cfg.schedule.kind} schedule is recomputed for {cfg.steps} steps; the lr at "
+                             f"step {start_step} {change}")
             elif start_step == cfg.steps:
                 history = read_metrics(run_dir)
                 final = next(({k: v for k, v in r.items() if k not in ("event", "step", "tokens")} for r in reversed(history)
@@ -246,11 +250,19 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
             break
         # a checkpoint that passed the file checks but does not load (bytes flipped inside a shard, NaN weights):
         # every rank knows; rank 0 sets it aside and the next pass takes the previous one
+        error = None
         if main:
-            moved = ckpt.set_aside([state["path"]])[0]
-            say(f"warning: checkpoint {state['path']} could not be loaded ({problem}); set it aside as {moved}, "
-                f"trying the previous checkpoint")
-        agree(ctx, None)  # nobody looks for the next checkpoint before it is set aside
+            try:
+                moved = ckpt.set_aside([state["path"]])[0]
+                say(f"warning: checkpoint {state['path']} could not be loaded ({problem}); set it aside as {moved}, "
+                    f"trying the previous checkpoint")
+            except (OSError, ValueError) as e:
+                error = (errno.EIO, f"checkpoint {state['path']} could not be loaded ({problem}), nor set aside ({e})")
+        error = agree(ctx, error)  # nobody looks for the next checkpoint before it is set aside
+        if error is not None:
+            raise OSError(*error)
+    for note in notes:
+        say(note)
     if state is not None:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -422,20 +434,26 @@ def _restore(model: MoELM, optimizer, tensors: dict | None, state: dict | None, 
     the load is collective, so every rank must go into it or none.
     """
     def attempt(work) -> str | None:
-        problem = None
+        problem = failure = None
         try:
             problem = work()
-        except MemoryError:
-            raise
-        # DCP (its CheckpointException is a BaseException) and pickle raise many types for a damaged shard:
-        # each means "cannot use this one"
+        # DCP (its CheckpointException is a BaseException) and pickle raise many types for a damaged shard;
+        # a MemoryError is caught too, so that the other ranks hear of it rather than wait
         except (Exception, CheckpointException) as e:
-            problem = ckpt.load_error_text(e)
+            if ctx is None and not ckpt.is_damage(e):
+                raise
+            if ckpt.is_damage(e):
+                problem = ckpt.load_error_text(e)
+            else:
+                failure = ckpt.load_error_text(e)
         if ctx is None:
             return problem
-        problems = [None] * ctx.world_size
-        dist.all_gather_object(problems, problem)
-        return next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+        reports = [None] * ctx.world_size
+        dist.all_gather_object(reports, (problem, failure))
+        for r, (_, failed) in enumerate(reports):
+            if failed:  # this machine, not the checkpoint: every rank stops with the same line, nothing is set aside
+                raise OSError(errno.EIO, f"rank {r} could not load the checkpoint {state['path']}: {failed}")
+        return next((f"rank {r}: {p}" for r, (p, _) in enumerate(reports) if p), None)
 
     def load() -> str | None:
         if tensors is not None and not sharded:

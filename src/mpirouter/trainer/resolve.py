@@ -85,10 +85,10 @@ def resolve_train_config(src: ConfigSources, check_lock: bool = True) -> tuple[T
         model = to_dict(preset_config(src.preset))
         model["moe"]["router"] = base["model"]["moe"]["router"]
         base["model"], base["preset"] = model, src.preset
-    name = src.flags.get("optim.name")
-    if name is not None and name != base["optim"]["name"] and "optim.lr" not in src.flags \
-            and not any(_path(o) in ("optim", "optim.lr", "optim.adam_lr") for o in src.overrides):
-        base["optim"]["lr"] = base["optim"]["adam_lr"] = None  # a tuned lr belongs to the old optimizer
+    names = [src.flags.get("optim.name")] + [o.split("=", 1)[1].strip() for o in src.overrides if _path(o) == "optim.name"]
+    if any(name is not None and name != base["optim"]["name"] for name in names):
+        # tuned lrs belong to the old optimizer (a muon lr is no adamw lr); --set and flags set either again below
+        base["optim"]["lr"] = base["optim"]["adam_lr"] = None
     from_file = base.get(OUT_DIR) if src.config_file is not None else None
     for path, value in src.flags.items():
         _set(base, path, value)

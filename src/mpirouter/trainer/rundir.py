@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..common.files import fit_name
-from .checkpoint import CHECKPOINT_FILES, CONFIG, LATEST, STEP_NAME
+from .checkpoint import CONFIG, DCP_DIR, STEP_NAME, WEIGHTS
 from .metrics import METRICS_FILE
 
 LOCK_FILE = ".lock"
@@ -42,9 +42,8 @@ class RunLockedError(RuntimeError):
 def is_run_folder(path: str | Path) -> bool:
     """Whether `path` holds (part of) a training run, judged by the trainer's own markers only.
 
-    Any one suffices: metrics.jsonl opening with a `start` (or `resume`) record; a config.json that is a
-    whole TrainConfig; checkpoints/ holding a `latest` that names a step_XXXXXXX folder or such a folder
-    with a checkpoint file in it. A folder of the user's that happens to have a `checkpoints/` or a
+    Any one suffices: metrics.jsonl opening with the trainer's `start` record; a config.json that is a
+    whole TrainConfig; checkpoints/ holding a step_XXXXXXX folder with the trainer's weights and config. A folder of the user's that happens to have a `checkpoints/` or a
     `config.json` of its own is not a run.
     """
     path = Path(path)
@@ -59,7 +58,8 @@ def _opens_with_start_record(path: Path) -> bool:
         record = json.loads(first)
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and record.get("event") in ("start", "resume")
+    # the trainer's first record: "start" with the model's size (every version has written it)
+    return isinstance(record, dict) and record.get("event") == "start" and "params_total" in record
 
 
 def _is_train_config(path: Path) -> bool:
@@ -74,14 +74,12 @@ def _is_train_config(path: Path) -> bool:
 
 
 def _has_checkpoints(root: Path) -> bool:
+    """A step_XXXXXXX folder under `root` with the trainer's weights (model.safetensors or dcp/.metadata) and config."""
     if not root.is_dir() or root.is_symlink():
         return False
     try:
-        latest = (root / LATEST).read_text(errors="replace").strip() if (root / LATEST).is_file() else ""
-        if STEP_NAME.fullmatch(latest):
-            return True
-        return any(STEP_NAME.fullmatch(p.name) and p.is_dir() and any((p / f).exists() for f in CHECKPOINT_FILES)
-                   for p in root.iterdir())
+        return any(STEP_NAME.fullmatch(p.name) and p.is_dir() and ((p / WEIGHTS).is_file() or (p / DCP_DIR / ".metadata").is_file())
+                   and _is_train_config(p / CONFIG) for p in root.iterdir())
     except OSError:
         return False
 
@@ -175,7 +173,8 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
     content that is not a run is refused even with force: it is not ours to move.
     """
     given = Path(run_dir)
-    run_dir = given.absolute()  # "." must still name the folder after the old run is moved aside
+    # "." and ".." must still name the folder after the old run is moved aside (the working folder moves with it)
+    run_dir = Path(os.path.abspath(given))
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"--out {run_dir} is an existing file, not a run folder; choose another --out")
     check_not_inside_a_run(run_dir)
@@ -187,6 +186,7 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
     except BaseException:
         _undo_claim(run_dir, created, had_lock_file)
         raise
+    moved = False
     try:
         if is_run_folder(run_dir):
             if not force:
@@ -196,6 +196,7 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
                 raise FileExistsError(f"--out {given} is a symbolic link to {os.readlink(run_dir)}, which holds a run; "
                                       f"--force moves only a real folder aside: pass {run_dir.resolve()} itself")
             aside = move_aside(run_dir)
+            moved = True  # from here on nothing at run_dir is ours to undo: another process may make it meanwhile
             say(f"moved the existing run {run_dir} aside to {aside}")
             run_dir.mkdir()
             old, lock = lock, RunLock(run_dir).acquire()
@@ -204,9 +205,10 @@ def claim_new_run(run_dir: str | Path, force: bool = False, say=print) -> RunLoc
             raise FileExistsError(f"{run_dir} exists, is not empty and holds no run; choose another --out")
     except BaseException:
         lock.release()
-        _undo_claim(run_dir, created, had_lock_file)
+        if not moved:
+            _undo_claim(run_dir, created, had_lock_file)
         raise
-    lock.created = created
+    lock.created = created or moved
     return lock
 
 
@@ -237,6 +239,11 @@ def lock_existing_run(run_dir: str | Path) -> RunLock:
     check_not_inside_a_run(run_dir)
     had_lock_file = (run_dir / LOCK_FILE).exists()
     lock = RunLock(run_dir).acquire()  # first: a run another job is starting has no checkpoints/ yet
+    if (run_dir / "checkpoints").is_symlink():  # its rotation and clean-up would reach into the run it points to
+        lock.release()
+        _undo_claim(run_dir, created=False, had_lock_file=had_lock_file)
+        raise FileExistsError(f"{run_dir}/checkpoints is a symbolic link (to {os.readlink(run_dir / 'checkpoints')}); "
+                              f"a run's checkpoints must be a folder of its own: copy them in to resume here")
     if not (run_dir / "checkpoints").is_dir():
         lock.release()
         _undo_claim(run_dir, created=False, had_lock_file=had_lock_file)

@@ -55,44 +55,40 @@ def save_sharded(run_dir: str | Path, step: int, ctx: DistContext, model: torch.
     folder, what = Path(run_dir) / "checkpoints", f"the checkpoint of step {step}"
     tmp = folder / f".tmp-step_{step:07d}"
 
-    def stage(work, everyone: bool) -> None:
-        """Run `work` (on every rank, or rank 0 alone) and make every rank raise the same one-line error if it failed
-        anywhere, so that none waits in the next collective for a rank that gave up."""
-        error = None
+    def stage(work, everyone: bool):
+        """`work()` on every rank (or rank 0 alone); if it failed anywhere, every rank raises the same one-line OSError
+        (the first failing rank's), so that none waits in the next collective for a rank that gave up."""
+        result, error = None, None
         if everyone or ctx.is_main:
             try:
-                work()
-            except MemoryError:
-                raise
-            except (Exception, CheckpointException) as e:
+                result = work()
+            except (Exception, CheckpointException) as e:  # a MemoryError too: the others must hear of it
                 reported = write_error(e, folder, what)
                 if not isinstance(reported, OSError):
                     reported = OSError(errno.EIO, f"writing {what} to {folder} failed ({load_error_text(e)})")
                 error = reported.args
-        if everyone:  # DCP raises the same CheckpointException on every rank; rank 0's account is the one shown
-            error = agree(ctx, error) if any_rank(ctx, error is not None) else None
+        if everyone:
+            errors = [None] * ctx.world_size
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
         else:
             error = agree(ctx, error)
         if error is not None:
             if ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            failure = OSError(*error)
-            failure.shown_by_rank0 = not ctx.is_main
-            raise failure
+            raise OSError(*error)  # the same text on every rank: printed once (cli._report)
+        return result
 
-    def make_folder() -> None:
-        nonlocal tmp
-        tmp = temporary_folder(run_dir, step)
-
-    stage(make_folder, everyone=False)
+    tmp = agree(ctx, stage(lambda: temporary_folder(run_dir, step), everyone=False))
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, torch_optimizers(optimizer)),
              "hyperball": hyperball_radii(model, optimizer)}  # AdamH/MuonH radii: the only state outside the torch optimizers
-    tmp = agree(ctx, tmp)
     # collective: returns once every rank's shard and the metadata are written (or raises on every rank)
     stage(lambda: dcp.save(state, checkpoint_id=str(tmp / DCP_DIR)), everyone=True)
     # each rank hashes the files it wrote (DCP names them __<rank>_<n>.distcp); rank 0 the rest
+    mine = stage(lambda: {f"{DCP_DIR}/{f.name}": file_sha256(f) for f in sorted((tmp / DCP_DIR).glob(f"__{ctx.rank}_*"))},
+                 everyone=True)
     sums: list[dict] = [{}] * ctx.world_size
-    dist.all_gather_object(sums, {f"{DCP_DIR}/{f.name}": file_sha256(f) for f in sorted((tmp / DCP_DIR).glob(f"__{ctx.rank}_*"))})
+    dist.all_gather_object(sums, mine)
 
     def finish() -> None:
         torch.save({**train_state, "world_size": ctx.world_size}, tmp / STATE)
