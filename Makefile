@@ -3,6 +3,8 @@
 #   make test   set up (with the torchtitan extra), then run the test suite
 # Set-up: a virtualenv in .venv that can see a torch you already have; torch==2.13.0 is
 # installed only when no torch is importable (an unpinned torch would pull a multi-GB CUDA build).
+# The dev extra is installed at the exact versions of constraints-test.txt (.ci/pin-constraints makes it),
+# so CI tests what was tested; pyproject.toml keeps the package's own ranges loose for users.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,10 +21,10 @@ export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=687
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints-test.txt
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints-test.txt -e ".[dev]"
 	touch $@
 
 $(TITAN_STAMP): $(STAMP) Makefile
