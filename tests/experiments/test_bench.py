@@ -1,9 +1,11 @@
-"""`mpirouter bench`: the repeat summary, a tiny run on CPU, the CUDA refusal, the HF baseline block."""
+"""`mpirouter bench`: the repeat summary, a tiny run on CPU, the CUDA refusal, the HF baseline block; warm-ups,
+out-of-memory skips and `--device cuda:N` with monkeypatched functions."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -49,7 +51,14 @@ def test_pct_of_ceiling_uses_each_repeats_own_ceiling():
 def test_grouped_mm_skip_reasons_without_a_gpu(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert grouped_mm_skip_reason(SHAPES["tiny"], cpu, torch.float32) is None
-    assert "only in bf16" in grouped_mm_skip_reason(SHAPES["tiny"], cuda, torch.float32)
+    # torch >= 2.9 runs fp32 grouped_mm on CUDA, through its fallback: say that, not that it cannot
+    fp32 = grouped_mm_skip_reason(SHAPES["tiny"], cuda, torch.float32)
+    assert "only through its fallback" in fp32 and "float32" in fp32 and "refuses" in fp32 and "only in bf16" not in fp32
+    for cap, runs in [((8, 0), False), ((9, 0), True), ((10, 0), True), ((12, 0), False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        bf16 = grouped_mm_skip_reason(SHAPES["tiny"], cuda, torch.bfloat16)
+        assert (bf16 is None) == runs and (runs or "9.x/10.x" in bf16)
+        assert auto_dispatch(SHAPES["tiny"], cuda, torch.bfloat16) == ("sorted/grouped_mm" if runs else "sorted/loop")
     assert "16 bytes" in grouped_mm_skip_reason(bench.BenchShape(6, 4, 2, 64, 32), cpu, torch.float32)
     assert auto_dispatch(SHAPES["tiny"], cpu, torch.float32) == auto_dispatch(SHAPES["tiny"], cuda, torch.float32) == "sorted/loop"
     monkeypatch.delattr(torch, "_grouped_mm")
@@ -113,3 +122,155 @@ def test_hf_block_holds_our_weights_and_trains():
     torch.testing.assert_close(out, moe(x_BSD).out, rtol=1e-4, atol=1e-5)
     out.square().sum().backward()
     assert x_BSD.grad.shape == x_BSD.shape and all(p.grad is not None for p in block.parameters())
+
+
+class Stopped(Exception):
+    """Raised by a fake: the test needs only to see the call."""
+
+
+def test_bench_on_cuda_1_makes_it_the_current_device_first(monkeypatch):
+    calls = []
+
+    def set_device(device):
+        calls.append(torch.device(device))
+        raise Stopped
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(Stopped):
+        run_bench(["debug"], device="cuda:1", printer=lambda *a: None)
+    assert calls == [torch.device("cuda", 1)]
+
+
+def counting_variants(monkeypatch, calls: Counter, fail: dict | None = None):
+    """build_variants whose variants count their calls; `fail[name]`: a function of the call number that may raise."""
+    real = bench.build_variants
+
+    def build(*args, **kwargs):
+        variants, skipped, notes = real(*args, **kwargs)
+
+        def counted(name, fn):
+            def run(x):
+                calls[name] += 1
+                if fail and name in fail:
+                    fail[name](calls[name])
+                return fn(x)
+            return run
+        return {n: v._replace(fn=counted(n, v.fn)) for n, v in variants.items()}, skipped, notes
+
+    monkeypatch.setattr(bench, "build_variants", build)
+
+
+def test_every_variant_is_warmed_up_more_than_once_before_it_is_timed(monkeypatch):
+    calls = Counter()
+    counting_variants(monkeypatch, calls)
+    r = bench.bench_moe_layer(SHAPES["debug"], reps=1, repeat=1, ceiling_n=64, hf=False)
+    assert set(r["summary"]) >= {"sorted/loop", "naive", "dense"}
+    for name in [*r["summary"], "ceiling"]:
+        assert bench.WARMUP_MIN <= r["warmup_runs"][name] <= bench.WARMUP_MAX
+        assert calls[name] == r["warmup_runs"][name] + 1  # its warm-up runs, then the one timed rep
+
+
+def test_the_warm_up_stops_once_two_runs_agree(monkeypatch):
+    times = iter([9.0, 3.0, 1.0, 0.95, 0.1, 0.1])
+
+    class Timer:  # the StepTimer the warm-up reads: these seconds, one per run
+        def __init__(self, device):
+            pass
+
+        def read(self):
+            return [next(times)]
+
+    monkeypatch.setattr(bench, "StepTimer", Timer)
+    assert bench.warm_up(lambda timer: None, torch.device("cpu")) == 4  # 1.0 then 0.95: within 10%
+    times = iter([1.0, 2.0] * 5)
+    assert bench.warm_up(lambda timer: None, torch.device("cpu")) == bench.WARMUP_MAX  # never settles
+
+
+OOM_ERRORS = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")]
+
+
+@pytest.mark.parametrize("error", OOM_ERRORS, ids=["OutOfMemoryError", "cuBLAS"])
+@pytest.mark.parametrize("when", ["warm-up", "timed"])
+def test_a_variant_that_runs_out_of_memory_is_skipped_not_fatal(monkeypatch, capsys, error, when):
+    calls = Counter()
+    timing = {"on": False}
+    real_interleaved = bench.time_interleaved
+    monkeypatch.setattr(bench, "time_interleaved", lambda *a, **k: timing.update(on=True) or real_interleaved(*a, **k))
+
+    def naive_fails(n):
+        if when == "warm-up" or timing["on"]:
+            raise error
+
+    counting_variants(monkeypatch, calls, {"naive": naive_fails})
+    r = bench.bench_moe_layer(SHAPES["debug"], reps=2, repeat=2, ceiling_n=64, hf=False)
+    assert r["skipped"]["naive"].startswith("out of memory: ") and "naive" not in r["summary"]
+    assert {"sorted/loop", "dense"} <= set(r["summary"]) and all(len(v) == 2 for v in r["repeats_ms"].values())
+    bench.print_layer_table("debug", r, print)
+    assert "naive: skipped (out of memory: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error", OOM_ERRORS, ids=["OutOfMemoryError", "cuBLAS"])
+def test_a_baseline_out_of_memory_skips_the_shapes_table(monkeypatch, capsys, error):
+    def fails(n):
+        raise error
+
+    counting_variants(monkeypatch, Counter(), {"sorted/loop": fails, "ceiling": fails})
+    r = bench.bench_moe_layer(SHAPES["debug"], reps=1, repeat=1, ceiling_n=64, hf=False)
+    assert r["summary"] == {} and r["ceiling"] is None and r["skipped"]["sorted/loop"].startswith("out of memory: ")
+    bench.print_layer_table("debug", r, print)
+    out = capsys.readouterr().out
+    assert "sorted/loop: skipped (out of memory" in out and "no ceiling" in out and "t/loop" not in out
+    json.dumps(r)
+
+
+def test_a_baseline_that_fails_otherwise_still_raises(monkeypatch):
+    def fails(n):
+        raise NotImplementedError("no kernel for this")
+
+    counting_variants(monkeypatch, Counter(), {"sorted/loop": fails})
+    with pytest.raises(NotImplementedError, match="no kernel"):
+        bench.bench_moe_layer(SHAPES["debug"], reps=1, repeat=1, ceiling_n=64, hf=False)
+
+
+def test_only_the_ceiling_out_of_memory_leaves_the_table_without_percentages(monkeypatch, capsys):
+    def fails(n):
+        raise OOM_ERRORS[1]
+
+    counting_variants(monkeypatch, Counter(), {"ceiling": fails})
+    r = bench.bench_moe_layer(SHAPES["debug"], reps=1, repeat=1, ceiling_n=64, hf=False)
+    assert r["ceiling"] is None and r["pct_of_ceiling"] == {} and "sorted/loop" in r["summary"]
+    bench.print_layer_table("debug", r, print)
+    assert "no ceiling (ceiling skipped)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error", OOM_ERRORS, ids=["OutOfMemoryError", "cuBLAS"])
+def test_the_router_share_halves_its_batch_on_any_out_of_memory_and_skips_at_one(monkeypatch, error):
+    batches = []
+
+    def share(preset, reps, repeat, device, amp, batch_size):
+        batches.append(batch_size)
+        if batch_size > limit:
+            raise error
+        return {"preset": preset, "batch_size": batch_size}
+
+    monkeypatch.setattr(bench, "bench_router_share", share)
+    cuda = torch.device("cuda")
+    limit = 4
+    r = bench.bench_router_share_fitting("debug", 1, 1, cuda, None)
+    assert batches == [16, 8, 4] and r["batch_size"] == 4 and r["batch_halved_from"] == 16
+    batches.clear()
+    limit = 0
+    r = bench.bench_router_share_fitting("debug", 1, 1, cuda, None)
+    assert batches == [16, 8, 4, 2, 1] and r["skipped"].startswith("out of memory: ") and "batch size 1" in r["skipped"]
+    with pytest.raises(type(error)):  # on CPU running out of memory is not a GPU's limit: it raises
+        bench.bench_router_share_fitting("debug", 1, 1, torch.device("cpu"), None)
+
+
+def test_run_bench_prints_a_skipped_router_share(monkeypatch, capsys):
+    skipped = {"preset": "debug", "skipped": "out of memory: CUBLAS_STATUS_ALLOC_FAILED (batch size 1)"}
+    monkeypatch.setattr(bench, "bench_router_share_fitting", lambda *a, **k: skipped)
+    res = run_bench([], reps=1, repeat=1, router_preset="debug", device="cpu")
+    assert "Training step of preset 'debug': skipped (out of memory" in capsys.readouterr().out
+    assert res["router"]["skipped"].startswith("out of memory")

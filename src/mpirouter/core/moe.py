@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.config import check_number, from_dict, show_value
+from .dispatch import Dispatch, choose_dispatch, grouped_mm_fallback_reason, resolve_dispatch
 from .routers import Router, RouterConfig, alignment, select_target
 
-Dispatch = Literal["auto", "loop", "grouped_mm"]
 AuxScope = Literal["sequence", "batch", "global"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 Balance = Literal["aux", "bias", "both"]
@@ -81,7 +81,9 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     """Coefficient of the router z-loss mean(logsumexp(logits)^2) (0 disables it)."""
     dispatch: Dispatch = "auto"
-    """Grouped expert matmul: loop (slices in one autograd.Function), grouped_mm, or auto."""
+    """Grouped expert matmul: loop (slices in one autograd.Function), grouped_mm, or auto (`core.dispatch`:
+    grouped_mm for bf16 on CUDA compute capability 9.x/10.x, else the loop). An explicit grouped_mm is refused
+    on CUDA where torch would run its syncing fallback (fp32, fp16, other GPUs). SM 10.x: pytorch#172439."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """How the router rows are produced (linear, mpi, ...)."""
 
@@ -286,46 +288,6 @@ class _LoopGroupedLinear(torch.autograd.Function):
                 else:
                     dw_EOI[e].zero_()
         return dx_MI, dw_EOI, None
-
-
-def _grouped_mm_available() -> bool:
-    return hasattr(torch, "_grouped_mm")
-
-
-def choose_dispatch(device: torch.device, dtype: torch.dtype) -> Literal["loop", "grouped_mm"]:
-    """What dispatch="auto" runs for operands of `dtype` on `device`.
-
-    CUDA: `torch._grouped_mm` where it is one real kernel, bf16 on compute capability >= 9.0 (H100
-    and later); elsewhere torch runs it as a fallback loop of matmuls, and the loop here is as fast.
-    That choice also makes a CUDA step free of host reads: the loop needs the expert boundaries
-    on the host (one read per layer and matmul), grouped_mm takes them as a device tensor.
-    CPU: the loop. Measured against grouped_mm on two CPUs (`mpirouter bench`, results/bench/):
-    tied within run-to-run noise at the tiny, small and fine shapes; fp32 grouped_mm also does
-    not compile on CPU (its meta function accepts only bf16).
-    """
-    if device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm_available():
-        if torch.cuda.get_device_capability(device) >= (9, 0):
-            return "grouped_mm"
-    return "loop"
-
-
-def _grouped_mm_aligned(x_MI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
-    size = x_MI.element_size()
-    return (x_MI.shape[1] * size) % 16 == 0 and (w_EOI.shape[1] * size) % 16 == 0
-
-
-def resolve_dispatch(x_MI: torch.Tensor, w_EOI: torch.Tensor, impl: Dispatch) -> Literal["loop", "grouped_mm"]:
-    """The path `grouped_linear` takes: "auto" asks `choose_dispatch`; grouped_mm falls back to the loop where
-    a row is not a multiple of 16 bytes (the kernel's stride rule). The rule depends only on {D, F} and
-    the dtype, so one answer holds for all three expert matmuls of a layer."""
-    if impl == "auto":
-        impl = choose_dispatch(x_MI.device, x_MI.dtype)
-    if impl == "grouped_mm":
-        if not _grouped_mm_available():
-            raise RuntimeError("dispatch='grouped_mm' needs torch._grouped_mm (torch >= 2.8); use dispatch='loop'")
-        if not _grouped_mm_aligned(x_MI, w_EOI):
-            return "loop"
-    return impl
 
 
 def expert_bounds(counts_E: torch.Tensor) -> list[int]:
@@ -688,6 +650,7 @@ __all__ = [
     "expert_bounds",
     "expert_ffn_sorted",
     "grouped_linear",
+    "grouped_mm_fallback_reason",
     "inverse_permutation",
     "load_balance_loss",
     "local_shard",

@@ -9,7 +9,8 @@ times, interleaved rep by rep in a rotating order, and keeps each variant's medi
 runs N such repeats back to back (round-robin again, so drift hits every variant alike). The table
 gives the median of the N repeat medians with their min–max, and each ratio computed within a
 repeat, then summarized the same way: one noisy repeat cannot make a tie look like a speedup
-(docs/performance.md: these machines vary by ±5-15% from run to run).
+(docs/performance.md: these machines vary by ±5-15% from run to run). Each variant is first run until
+its time settles (`warm_up`); one that fails, or runs out of GPU memory, is listed as skipped with why.
 
 Rows per shape (forward + backward of one MoE layer, router included):
     sorted/loop        this package, dispatch="loop"
@@ -38,11 +39,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..common.provenance import describe, environment
+from ..core.dispatch import grouped_mm_fallback_reason
 from ..core.model import PRESETS, MoELM, preset_config
 from ..core.moe import MoE, MoEConfig, choose_dispatch, moe_flops, route
 from ..core.routers import RouterConfig
 from ..optim import OptimConfig, build_optimizer
-from ..trainer.device import StepTimer, autocast_dtype, resolve_device
+from ..trainer.device import StepTimer, autocast_dtype, resolve_device, use_device
 from ..trainer.evaluation import router_cost_ms
 from ..trainer.step import train_step
 
@@ -215,8 +217,9 @@ def grouped_mm_skip_reason(shape: BenchShape, device: torch.device, dtype: torch
     """Why dispatch="grouped_mm" cannot run (or would silently run the loop) here; None when it runs."""
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
-    if device.type == "cuda" and dtype != torch.bfloat16:
-        return f"torch._grouped_mm on CUDA runs only in bf16, this run is {_dtype(dtype)}"
+    fallback = grouped_mm_fallback_reason(device, dtype)
+    if fallback is not None:  # it would time the loop's work plus host syncs, and dispatch="grouped_mm" refuses it
+        return f"dispatch='grouped_mm' refuses it here: {fallback}; {BASELINE} is the same per-expert work"
     if (shape.dim * dtype.itemsize) % 16 or (shape.hidden * dtype.itemsize) % 16:
         return f"rows of d={shape.dim} / F={shape.hidden} are not multiples of 16 bytes: grouped_mm would run the loop"
     return None
@@ -298,28 +301,77 @@ def build_variants(shape: BenchShape, device: torch.device, amp: torch.dtype | N
 # ----------------------------------------------------------------------------- timing
 
 
+WARMUP_MIN, WARMUP_MAX, WARMUP_SETTLED = 2, 5, 0.10
+"""Warm-up runs of each variant: at least WARMUP_MIN, then until two consecutive runs differ by at most WARMUP_SETTLED
+of the later one, at most WARMUP_MAX. The first pays one-time costs (allocator growth, cuBLAS handles and heuristics,
+kernel loading, autotuning); on a GPU the second can still pay some (the caching allocator settling)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A failed GPU allocation: torch's OutOfMemoryError, or cuBLAS/cuDNN failing to allocate their workspace,
+    which reaches Python as a plain RuntimeError ("CUBLAS_STATUS_ALLOC_FAILED", "... out of memory")."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("CUBLAS_STATUS_ALLOC_FAILED" in str(e) or "out of memory" in str(e).lower())
+
+
+def _skip_reason(e: BaseException) -> str:
+    return f"out of memory: {_one_line(e)}" if is_out_of_memory(e) else f"failed: {_one_line(e)}"
+
+
+def _free_memory(device: torch.device) -> None:
+    """After a failed run: drop its tensors (outside the except block, where the traceback no longer holds them)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def warm_up(run: Callable[[StepTimer], None], device: torch.device) -> int:
+    """Run `run` until its time settles (WARMUP_MIN to WARMUP_MAX times); returns how many runs it took."""
+    timer, last = StepTimer(device), None
+    for n in range(1, WARMUP_MAX + 1):
+        run(timer)
+        t = timer.read()[-1]  # on CUDA one synchronization per warm-up run, none while timing
+        if n >= WARMUP_MIN and abs(t - last) <= WARMUP_SETTLED * t:
+            return n
+        last = t
+    return WARMUP_MAX
+
+
 def time_interleaved(runs: Mapping[str, Callable[[StepTimer], None]], device: torch.device, reps: int,
-                     repeat: int, warmup: bool = True) -> dict[str, list[float]]:
+                     repeat: int, warmup: bool = True, dropped: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Per name, the median ms of each repeat. Each run starts and stops the timer it is given around
     its timed region; names rotate rep by rep (and on across repeats). On CUDA the timers are CUDA
-    events, read (one synchronization) once per repeat."""
+    events, read (one synchronization) once per repeat. `warmup`: `warm_up` each name first. `dropped`:
+    a run that runs out of memory is dropped (its reason put there, absent from the result), the others
+    go on; None: it raises."""
     names = list(runs)
     timers = {n: StepTimer(device) for n in names}
-    if warmup:  # allocator, kernels' first calls
+    if warmup:
         for n in names:
-            runs[n](timers[n])
-        for n in names:
-            timers[n].read()
+            warm_up(runs[n], device)
     out: dict[str, list[float]] = {n: [] for n in names}
+    gone: set[str] = set()
     turn = 0
     for _ in range(repeat):
         for _ in range(reps):
             for n in names[turn % len(names):] + names[: turn % len(names)]:
-                runs[n](timers[n])
+                if n in gone:
+                    continue
+                try:
+                    runs[n](timers[n])
+                    continue
+                except RuntimeError as e:
+                    if dropped is None or not is_out_of_memory(e):
+                        raise
+                    dropped[n] = _skip_reason(e)
+                gone.add(n)
+                _free_memory(device)
             turn += 1
         for n in names:
-            out[n].append(1000.0 * statistics.median(timers[n].read()))
-    return out
+            if n not in gone:
+                out[n].append(1000.0 * statistics.median(timers[n].read()))
+    return {n: ms for n, ms in out.items() if n not in gone}
 
 
 def _layer_run(v: Variant, device: torch.device, amp: torch.dtype | None) -> Callable[[StepTimer], None]:
@@ -338,33 +390,55 @@ def _layer_run(v: Variant, device: torch.device, amp: torch.dtype | None) -> Cal
 
 def bench_moe_layer(shape: BenchShape, reps: int = 5, repeat: int = 3, device: torch.device | str = "cpu",
                     amp: torch.dtype | None = None, ceiling_n: int | None = None, hf: bool = True, seed: int = 0) -> dict:
-    """Every variant's fwd+bwd at one shape, timed interleaved: per-repeat medians, their summary, % of ceiling."""
+    """Every variant's fwd+bwd at one shape, timed interleaved: per-repeat medians, their summary, % of ceiling.
+
+    A variant that fails to run, or runs out of GPU memory (in its warm-up or while timed), is skipped with
+    the reason; the baseline and the ceiling only for out of memory (then the table has no ratios, or no
+    % of ceiling), any other failure of theirs raises."""
     device = torch.device(device)
     dtype = amp or torch.float32
     ceiling_n = ceiling_n or CEILING_N.get(device.type, 2048)
-    variants, skipped, notes = build_variants(shape, device, amp, ceiling_n, hf, seed)
+    result = {"shape": dataclasses.asdict(shape), "dtype": _dtype(dtype), "reps": reps, "repeat": repeat,
+              "ms": {}, "repeats_ms": {}, "summary": {}, "pct_of_ceiling": {}, "ceiling": None, "warmup_runs": {},
+              "auto": auto_dispatch(shape, device, dtype), "skipped": {}, "notes": []}
+    try:
+        variants, skipped, notes = build_variants(shape, device, amp, ceiling_n, hf, seed)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        result["skipped"][BASELINE] = _skip_reason(e)
+    if result["skipped"]:  # nothing was built
+        _free_memory(device)
+        return result
+    result.update(skipped=skipped, notes=notes)
     runs = {n: _layer_run(v, device, amp) for n, v in variants.items()}
-    for n in list(runs):  # the warm-up; a baseline that cannot run here is skipped with the reason
+    for n in list(runs):  # the baseline first: without it there is no table
         try:
-            runs[n](StepTimer(device))
+            result["warmup_runs"][n] = warm_up(runs[n], device)
         except RuntimeError as e:  # NotImplementedError and out of memory included
-            if n in (BASELINE, CEILING):
+            if n in (BASELINE, CEILING) and not is_out_of_memory(e):
                 raise
-            skipped[n] = f"failed: {_one_line(e)}"
-            del runs[n]
-    ms = time_interleaved(runs, device, reps, repeat, warmup=False)
-    ceiling = [2.0 * ceiling_n**3 / (t / 1000.0) for t in ms.pop(CEILING)]
-    flops = moe_flops(shape.tokens, shape.top_k, shape.dim, shape.hidden)
+            skipped[n] = _skip_reason(e)
+        if n in skipped:
+            del runs[n], variants[n]
+            _free_memory(device)
+            if n == BASELINE:
+                return result
+    ms = time_interleaved(runs, device, reps, repeat, warmup=False, dropped=skipped)
+    if BASELINE not in ms:
+        return result
+    ceiling_ms = ms.pop(CEILING, None)
     summary = summarize(ms)
-    return {
-        "shape": dataclasses.asdict(shape), "dtype": _dtype(dtype), "reps": reps, "repeat": repeat,
-        "ms": {n: s.ms.median for n, s in summary.items()}, "repeats_ms": ms,
-        "summary": {n: dataclasses.asdict(s) for n, s in summary.items()},
-        "pct_of_ceiling": {n: pct_of_ceiling(t, ceiling, flops).median for n, t in ms.items()},
-        "ceiling": {"name": f"{_dtype(dtype)} mm {ceiling_n}^3", "gflops": dataclasses.asdict(Spread.of([c / 1e9 for c in ceiling])),
-                    "gflops_repeats": [c / 1e9 for c in ceiling]},
-        "auto": auto_dispatch(shape, device, dtype), "skipped": skipped, "notes": notes,
-    }
+    result.update(ms={n: s.ms.median for n, s in summary.items()}, repeats_ms=ms,
+                  summary={n: dataclasses.asdict(s) for n, s in summary.items()})
+    if ceiling_ms is not None:
+        ceiling = [2.0 * ceiling_n**3 / (t / 1000.0) for t in ceiling_ms]
+        flops = moe_flops(shape.tokens, shape.top_k, shape.dim, shape.hidden)
+        result["pct_of_ceiling"] = {n: pct_of_ceiling(t, ceiling, flops).median for n, t in ms.items()}
+        result["ceiling"] = {"name": f"{_dtype(dtype)} mm {ceiling_n}^3",
+                             "gflops": dataclasses.asdict(Spread.of([c / 1e9 for c in ceiling])),
+                             "gflops_repeats": [c / 1e9 for c in ceiling]}
+    return result
 
 
 def _set_router_kind(model: MoELM, config: RouterConfig) -> None:
@@ -400,8 +474,8 @@ def bench_router_share(preset: str = "tiny", reps: int = 5, repeat: int = 3, dev
 
     steps: dict[str, list[float]] = {k: [] for k in kinds}
     rows = []
-    for _ in range(repeat):
-        one = time_interleaved({k: step(k) for k in kinds}, device, reps, 1)
+    for i in range(repeat):
+        one = time_interleaved({k: step(k) for k in kinds}, device, reps, 1, warmup=i == 0)  # later repeats run warm
         for k in kinds:
             steps[k] += one[k]
         _set_router_kind(model, kinds["mpi"])
@@ -417,18 +491,21 @@ def bench_router_share(preset: str = "tiny", reps: int = 5, repeat: int = 3, dev
 
 def bench_router_share_fitting(preset: str, reps: int, repeat: int, device: torch.device, amp: torch.dtype | None,
                                batch_size: int = 16) -> dict:
-    """`bench_router_share`, halving the batch while a GPU runs out of memory (the result says so)."""
+    """`bench_router_share`, halving the batch while a GPU runs out of memory (the result says so); when even
+    one sequence does not fit, {"preset", "skipped": reason} instead of the figures."""
     first = batch_size
     while True:
         try:
             result = bench_router_share(preset, reps, repeat, device, amp, batch_size)
             result["batch_halved_from"] = first if batch_size != first else None
             return result
-        except torch.cuda.OutOfMemoryError:
-            if device.type != "cuda" or batch_size == 1:
+        except RuntimeError as e:  # torch's OutOfMemoryError, or cuBLAS failing to allocate its workspace
+            if device.type != "cuda" or not is_out_of_memory(e):
                 raise
-        gc.collect()  # outside the except block: the traceback's frames (the model) are gone by now
-        torch.cuda.empty_cache()
+            reason = _skip_reason(e)
+        _free_memory(device)  # outside the except block: the traceback's frames (the model) are gone by now
+        if batch_size == 1:
+            return {"preset": preset, "skipped": f"{reason} (batch size 1)"}
         batch_size //= 2
 
 
@@ -452,15 +529,18 @@ def _flops(s: Spread) -> str:
 def print_layer_table(name: str, r: dict, printer=print) -> None:
     """The table of one shape from `bench_moe_layer`'s result."""
     s = BenchShape(**r["shape"])
-    c = Spread(**r["ceiling"]["gflops"])
+    ceiling = (f"ceiling {r['ceiling']['name']} in the same rotation: {_flops(Spread(**r['ceiling']['gflops']))}"
+               if r["ceiling"] else f"no ceiling ({CEILING} skipped)")
     printer(f"\nMoE layer fwd+bwd, shape {name}: d={s.dim} E={s.num_experts} k={s.top_k} F={s.hidden} T={s.tokens}, {r['dtype']}; "
-            f"ceiling {r['ceiling']['name']} in the same rotation: {_flops(c)}")
-    printer(f"  {'variant':<24}{'ms [min–max]':<26}{'±':>6}{'% ceil':>8}   {'t/loop [min–max]'}")
+            f"{ceiling}")
+    if r["summary"]:
+        printer(f"  {'variant':<24}{'ms [min–max]':<26}{'±':>6}{'% ceil':>8}   {'t/loop [min–max]'}")
     for n, summ in r["summary"].items():
         ms, ratio = Spread(**summ["ms"]), Spread(**summ["ratio"])
         label = n + (" = auto" if n == r["auto"] else "")
         rat = "1 (baseline)" if n == BASELINE else _range(ratio, lambda v: f"{v:.2f}")
-        printer(f"  {label:<24}{_range(ms):<26}{ms.pct:>5.1f}%{r['pct_of_ceiling'][n]:>7.0f}%   {rat}")
+        pct = f"{r['pct_of_ceiling'][n]:>7.0f}%" if n in r["pct_of_ceiling"] else f"{'–':>8}"
+        printer(f"  {label:<24}{_range(ms):<26}{ms.pct:>5.1f}%{pct}   {rat}")
     for n, why in r["skipped"].items():
         printer(f"  {n}: skipped ({why})")
     for note in r["notes"]:
@@ -486,6 +566,7 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
     router_preset = DEFAULT_ROUTER_PRESET[dev.type] if router_preset is None else router_preset
     if router_preset and router_preset not in PRESETS:
         raise ValueError(f"router preset {router_preset!r} is not one of {', '.join(PRESETS)} ('' to skip)")
+    use_device(dev)  # CUDA events and syncs act on the current device: with --device cuda:1, make it cuda:1
     amp = autocast_dtype(precision, dev)
     env = environment(str(dev))
     preset_arg = router_preset or "''"
@@ -504,6 +585,10 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
         results["shapes"][name] = r
     if router_preset:
         r = bench_router_share_fitting(router_preset, reps, repeat, dev, amp)
+        results["router"] = r
+        if "skipped" in r:
+            printer(f"\nTraining step of preset {router_preset!r}: skipped ({r['skipped']})")
+            return results
         sp = {k: Spread(**v) for k, v in r["spread"].items()}
         halved = f"; batch halved from {r['batch_halved_from']} to fit in GPU memory" if r["batch_halved_from"] else ""
         printer(f"\nTraining step of preset {router_preset!r} ({r['batch_size']} x {r['tokens'] // r['batch_size']} = {r['tokens']} tokens, "

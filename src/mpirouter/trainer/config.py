@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from ..common.config import check_number, flatten, from_dict, to_dict
+from ..common.config import check_number, flatten, from_dict, show_value, to_dict
 from ..core.model import ModelConfig, preset_config
 from ..optim import OptimConfig, resolve_lrs
 from ..parallel.config import DistConfig
@@ -69,6 +69,13 @@ class TrainConfig:
     """auto: bf16 autocast on GPU, float32 on CPU."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    deterministic: bool = False
+    """Deterministic kernels for the run (`torch.use_deterministic_algorithms(True)`, CUBLAS_WORKSPACE_CONFIG,
+    cudnn.deterministic: `device.deterministic_algorithms`); the previous settings are restored when train() returns.
+    Without it a CUDA run is not reproducible bit for bit: the backward of index_select and embedding, and flash
+    attention's backward, add with atomics in whatever order the threads arrive, so two runs (or a run and its
+    resume) differ in the last bits and drift apart. Costs speed; on CPU the kernels are deterministic already.
+    An op with no deterministic CUDA kernel then stops the run with torch's error naming it."""
     eval_every: int = 100
     """Validate every this many steps (and at the end); 0 = only at the end."""
     eval_batches: int | None = None
@@ -102,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"seq_len={self.seq_len} must be in [1, model.max_seq_len={self.model.max_seq_len}]")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be a boolean (true or false), got {show_value(self.deterministic)}")
         if not self.out_dir:
             raise ValueError("out_dir must not be empty")
         parse_device(self.device)
@@ -126,8 +135,8 @@ def resolve_config(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size), optim=optim)
 
 
-RESUMABLE_FIELDS = ("steps", "out_dir", "device", "compile", "progress", "log_every", "eval_every", "eval_batch_size",
-                    "ckpt_every", "ckpt_keep", "tensorboard", "dist")
+RESUMABLE_FIELDS = ("steps", "out_dir", "device", "compile", "deterministic", "progress", "log_every", "eval_every",
+                    "eval_batch_size", "ckpt_every", "ckpt_keep", "tensorboard", "dist")
 """TrainConfig fields a resumed run may change: the length of the run and how it is run, logged and
 saved (also how it is spread over processes). Everything else defines the model, data order,
 optimizer or the periodic evals' estimator (eval_batches) and must match the checkpoint; the

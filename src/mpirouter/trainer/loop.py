@@ -45,7 +45,7 @@ from . import sharded_checkpoint
 from .checkpoint import TOKENIZER_FILE
 from .config import TrainConfig, check_resume_config, resolve_config
 from .data import TokenData, get_batch, prepare_data
-from .device import StepTimer, autocast_dtype, resolve_device
+from .device import StepTimer, autocast_dtype, deterministic_algorithms, resolve_device, use_device
 from .evaluation import evaluate, router_cost_ms
 from .metrics import MetricsWriter, read_metrics
 from .schedule import lr_multiplier
@@ -151,12 +151,23 @@ def train(cfg: TrainConfig, data: TokenData | None = None, resume: bool = False,
     for the new total, which `say` reports). `stop_at` ends this call after that many steps (a
     checkpoint is written there), as if the job were preempted; so does SIGINT/SIGTERM
     (TrainingInterrupted). The folder is locked against a second job for the whole call.
+
+    cfg.deterministic: deterministic kernels for the whole call, the previous settings restored after it.
+    In one process a cuda:N device becomes the current CUDA device (and stays so), as under torchrun.
     """
+    with deterministic_algorithms(cfg.deterministic):  # first: before CUDA does any matmul in this call
+        return _train(cfg, data, resume, stop_at, force, say)
+
+
+def _train(cfg: TrainConfig, data: TokenData | None, resume: bool, stop_at: int | None, force: bool, say) -> TrainResult:
+    """`train` inside its determinism setting."""
     if stop_at is not None:
         check_number("stop_at", stop_at, integer=True, ge=1)
     run_dir = Path(os.path.abspath(cfg.out_dir))  # "." still names the same folder once a run there is moved aside
     device = rank_device(resolve_device(cfg.device))  # bad input is refused before a run is moved aside or locked
     ctx = init_distributed(cfg.dist, device)
+    if ctx is None:  # CUDA events, syncs and memory statistics act on the current device: make it this one
+        use_device(device)
     if ctx is not None and not ctx.is_main:
         say = _silent
     data = data or prepare_data(cfg.data, cfg.context)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ...core.moe import max_violation
+from ...core.moe import max_violation, tokens_per_expert
 from ...core.routers import select_target
 from .adapters import MoEAdapter, expert_matrices
 from .loss import _probs, load_balancing_loss
@@ -69,7 +69,8 @@ class _Layer:
             idx_TK = logits_TE.topk(self.top_k, dim=-1).indices
         self.logits_TE, self.idx_TK = logits_TE, idx_TK
         with torch.no_grad():
-            load_E = torch.bincount(idx_TK.reshape(-1), minlength=self.num_experts)[: self.num_experts].float()
+            # a scatter-add into (E,), not bincount: on CUDA bincount reads its input's min and max to the host
+            load_E = tokens_per_expert(idx_TK, self.num_experts).float()
             p_E = _probs(logits_TE.detach(), self.adapter.score).mean(0)
             split = "train" if module.training else "eval"
             s = self.stats.setdefault(split, {"load_E": torch.zeros_like(load_E), "maxvio": 0.0, "aux": 0.0, "batches": 0})
