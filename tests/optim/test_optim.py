@@ -234,7 +234,7 @@ def test_adamw_path_is_torch_adamw_bitwise():
     m1, m2 = MoELM(preset_config("debug")), MoELM(preset_config("debug"))
     m2.load_state_dict(m1.state_dict())
     o1 = build_optimizer(m1, OptimConfig(name="adamw", lr=2e-3, weight_decay=0.1, router_weight_decay=0.0))
-    assert type(o1) is torch.optim.AdamW
+    assert isinstance(o1, torch.optim.AdamW) and type(o1).__name__ == "AdamW"  # build.AdamW: torch's, stepped by layout
     router_ids = {id(moe.router.weight) for moe in m2.moe_layers()}
     o2 = torch.optim.AdamW([
         {"params": [p for p in m2.parameters() if p.dim() >= 2 and id(p) not in router_ids], "weight_decay": 0.1},
@@ -249,6 +249,38 @@ def test_adamw_path_is_torch_adamw_bitwise():
             o.zero_grad()
     for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_adam_stepped_in_parts_equals_torch_runs_step_hooks_once_and_keeps_its_groups(monkeypatch):
+    """build.AdamW/Adam with every group stepped in parts (here: one parameter each; `layout_parts` splits by
+    DTensor layout, tests/parallel/test_gpu_paths.py): bitwise torch's optimizer, step hooks run once per step
+    (also once a plain torch optimizer has hooked torch's step), and param_groups are the groups built, also
+    after a step that raised."""
+    import mpirouter.optim.build as build
+
+    monkeypatch.setattr(build, "layout_parts", lambda params: [[p] for p in params])
+    for mine, theirs in ((build.AdamW, torch.optim.AdamW), (build.Adam, torch.optim.Adam)):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        opt = mine([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0, "lr": 0.05}], lr=0.1, weight_decay=0.1)
+        ref = theirs([{"params": qs[:2]}, {"params": qs[2:], "weight_decay": 0.0, "lr": 0.05}], lr=0.1, weight_decay=0.1)
+        groups, calls = opt.param_groups, []
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(len(o.param_groups)))
+        for _ in range(3):
+            for p, q in zip(ps, qs):
+                p.grad = q.grad = torch.randn(3)
+            opt.step()
+            ref.step()
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+        assert calls == [2, 2, 2] and opt.param_groups is groups
+
+        def fails():
+            raise RuntimeError("closure")
+
+        with pytest.raises(RuntimeError, match="closure"):
+            opt.step(fails)
+        assert opt.param_groups is groups
 
 
 def test_adamw_side_of_muon_matches_torch_adamw_at_adam_lr_and_lr_scale_is_not_compounded():

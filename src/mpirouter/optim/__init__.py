@@ -13,14 +13,16 @@
   wrapper turning a base optimizer into AdamH / MuonH.
 - `combined.CombinedOptimizer`: AdamW for embeddings/head/gains + the matrix optimizer, as one.
 - `sharding`: per-matrix operations on DTensor parameters (FSDP2, expert parallelism): Newton-Schulz
-  and Hyperball norms on whole matrices, so a sharded run takes the unsharded run's steps.
+  and Hyperball norms on whole matrices, so a sharded run takes the unsharded run's steps; `layout_parts`
+  for the fused/foreach Adam kernels.
 - `build.torch_optimizers` / `build.hyperball_radii`: the state to put in a sharded checkpoint
   (torch.distributed.checkpoint's ``get_optimizer_state_dict`` over the former, plus the latter).
 
 The object `build_optimizer` returns behaves like a torch optimizer: ``param_groups`` (each with
 "lr", which the training loop overwrites every step; groups with another peak lr carry
 "lr_scale", applied inside ``step``), ``step``, ``zero_grad``, ``state_dict``, ``load_state_dict``.
-For "adamw" it is a plain ``torch.optim.AdamW``.
+For "adamw" it is a ``torch.optim.AdamW`` (`build.AdamW`: each param group stepped in parts of one
+tensor layout, so that its fused and foreach kernels also take groups mixing plain tensors and DTensors).
 """
 
 from .build import build_optimizer, fused_adamw_supported, hyperball_radii, load_hyperball_radii, torch_optimizers
@@ -29,7 +31,7 @@ from .config import DEFAULT_LR, MATRIX_RULE, MAX_LR, OPTIMIZERS, ROUTER_MODES, O
 from .groups import classify, param_groups
 from .hyperball import RADIUS_RULES, Hyperball, frobenius_normalize, hyperball_radius, hyperball_step
 from .muon import LR_SCALINGS, NS_COEFFICIENTS, NS_STEPS, StackedMuon, muon_lr_scale, muon_update, newton_schulz
-from .sharding import on_whole_matrices, per_matrix_like, whole_matrix_placements
+from .sharding import layout_parts, on_whole_matrices, per_matrix_like, whole_matrix_placements
 
 __all__ = [
     "CombinedOptimizer",
@@ -52,6 +54,7 @@ __all__ = [
     "hyperball_radii",
     "hyperball_radius",
     "hyperball_step",
+    "layout_parts",
     "load_hyperball_radii",
     "muon_lr_scale",
     "muon_update",

@@ -5,8 +5,9 @@
 
 The object it returns behaves like a torch optimizer: ``param_groups`` (each with "lr", which the
 training loop overwrites every step; groups with another peak lr carry "lr_scale", applied inside
-``step``), ``step``, ``zero_grad``, ``state_dict``, ``load_state_dict``. For "adamw" it is a plain
-``torch.optim.AdamW``; on CUDA its fused kernel (one launch for all parameters).
+``step``), ``step``, ``zero_grad``, ``state_dict``, ``load_state_dict``. For "adamw" it is a
+``torch.optim.AdamW`` (on CUDA with its fused kernel: one launch for all parameters) whose step
+takes each param group in parts of one tensor layout (`StepsByLayout`), as the Adam inside AdamH does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .config import OptimConfig, resolve_lrs
 from .groups import param_groups
 from .hyperball import Hyperball
 from .muon import NS_COEFFICIENTS, StackedMuon
+from .sharding import layout_parts
 
 
 def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
@@ -31,9 +33,51 @@ def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params) and len({p.device for p in params}) == 1
 
 
-def _adamw(groups: list[dict], **kw) -> torch.optim.AdamW:
+class StepsByLayout:
+    """Mixin for torch's Adam and AdamW: each param group is stepped in parts of one tensor layout
+    (`sharding.layout_parts`: plain tensors; DTensors of one mesh), each with the group's hyperparameters.
+
+    Their fused and foreach kernels (CUDA's choices: `fused_adamw_supported`; torch's default foreach
+    for Adam) take a group's tensors as one list, which DTensor refuses when it mixes plain tensors and
+    DTensors: expert parallelism under DDP puts DTensor expert stacks beside plain attention matrices in
+    the "matrices" group. Only the step sees the parts: ``param_groups`` stays as built, so the state
+    dict, and the param groups of a sharded checkpoint (matched by position by
+    torch.distributed.checkpoint), are the same in every layout, and checkpoints written before load.
+    A group of one layout (one process; DDP or FSDP2 without expert parallelism) is stepped as it is.
+    """
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        parts = [dict(g, params=part) for g in groups for part in layout_parts(g["params"])]
+        base = _without_step_hooks(super().step.__func__)  # type: ignore[misc]
+        if len(parts) == len(groups):
+            return base(self, closure)
+        self.param_groups = parts  # what torch's step iterates over; the state is keyed by parameter, shared
+        try:
+            return base(self, closure)
+        finally:
+            self.param_groups = groups
+
+
+def _without_step_hooks(step):
+    """torch's ``step`` without the wrapper that runs the step hooks (``Optimizer.profile_hook_step``,
+    marked ``hooked``): `StepsByLayout.step` is wrapped itself, and hooks must run once per step."""
+    while getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step
+
+
+class AdamW(StepsByLayout, torch.optim.AdamW):
+    """torch.optim.AdamW stepping each param group by layout (`StepsByLayout`); bitwise torch's on one layout."""
+
+
+class Adam(StepsByLayout, torch.optim.Adam):
+    """torch.optim.Adam stepping each param group by layout (`StepsByLayout`); bitwise torch's on one layout."""
+
+
+def _adamw(groups: list[dict], **kw) -> AdamW:
     params = [p for g in groups for p in g["params"]]
-    return torch.optim.AdamW(groups, fused=True if fused_adamw_supported(params) else None, **kw)
+    return AdamW(groups, fused=True if fused_adamw_supported(params) else None, **kw)
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
@@ -55,7 +99,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
     mats = [g for g in groups if g["algo"] != "adamw"]
     hyper = lambda base: Hyperball(base, optim.hyperball_radius, optim.hyperball_radius_mult, optim.hyperball_update_scale)  # noqa: E731
     if optim.name == "adamh":
-        children.append(hyper(torch.optim.Adam(mats, lr=lr, betas=betas, eps=optim.eps, weight_decay=0.0)))
+        children.append(hyper(Adam(mats, lr=lr, betas=betas, eps=optim.eps, weight_decay=0.0)))
     else:
         children.extend(hyper(o) if optim.name == "muonh" else o for o in _muon_optimizers(mats, lr, optim))
     return CombinedOptimizer(children)

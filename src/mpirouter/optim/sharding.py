@@ -11,7 +11,8 @@ whole, so for them a DTensor splits into two kinds of mesh dims:
 - shards of a matrix dim (Shard(0) of a 2-D weight): the matrices are split and must be gathered
   (`on_whole_matrices`) or reduced (per-matrix norms: DTensor's own reductions do that).
 
-`whole_matrix_placements` keeps the first kind and replicates the second.
+`whole_matrix_placements` keeps the first kind and replicates the second. `layout_parts` splits a
+list of parameters into lists that a foreach or fused kernel may take as one.
 """
 
 from __future__ import annotations
@@ -72,3 +73,19 @@ def per_matrix_like(values: Tensor, x: Tensor) -> Tensor:
 def full(t: Tensor) -> Tensor:
     """The whole tensor on every rank (``full_tensor()`` of a DTensor); a plain tensor as is."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def layout_parts(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """``tensors`` split by layout, each part in the given order, parts in order of first appearance:
+    the plain tensors, and the DTensors of each device mesh.
+
+    One foreach or fused kernel call (torch's Adam/AdamW on CUDA) takes one list, and DTensor refuses
+    a list that mixes plain tensors and DTensors ("got mixed torch.Tensor and DTensor"), as a param
+    group does under expert parallelism with DDP. Lists of DTensors of two meshes (FSDP2 with expert
+    parallelism: the dense weights' mesh and the "ep" one) are split too, which torch does not promise to take.
+    A list of one layout gives one part, its tensors as they were.
+    """
+    parts: dict[object, list[Tensor]] = {}
+    for t in tensors:
+        parts.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    return list(parts.values())

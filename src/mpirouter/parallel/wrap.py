@@ -8,8 +8,9 @@
 
 - ddp: `DistributedDataParallel` over all ranks; every rank holds every dense weight.
 - fsdp: FSDP2 `fully_shard` on each transformer block, then on the root (torchtitan's recipe): a
-  block's weights are gathered for its forward and backward only. The MPI rows need nothing special:
-  a block is one FSDP unit, so its experts are whole while its router runs.
+  block's weights are gathered for its forward and backward only, so a MoE layer's experts are whole
+  while its router runs. With bf16 compute weights (`param_dtype`) each MoE layer is a float32 unit
+  of its own (`FLOAT32`), so φ is computed from the float32 weights one process uses.
 - ep > 1 (`parallel.expert`): the experts and their router rows are split over the "ep" mesh
   dimension and left out of DDP/FSDP; their gradients are reduced by `finish_gradients`.
 """
@@ -28,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.model import MoELM
+from ..core.moe import MoE
 from .env import DistContext, world_mesh
 from .expert import expert_parameters, reduce_expert_grads, shard_experts
 
@@ -79,16 +81,17 @@ class Parallelized:
     @contextlib.contextmanager
     def whole(self, module: nn.Module) -> Iterator[nn.Module]:
         """`module` with its weights whole on this rank (under FSDP2 the transformer block holding it is
-        gathered, one block at a time, never the whole model), e.g. for the alignment of one MoE layer."""
-        unit = next((b for b in self.model.blocks if isinstance(b, FSDPModule) and any(m is module for m in b.modules())), None)
-        if unit is None:
-            yield module
-            return
-        unit.unshard()
+        gathered with the units inside it, one block at a time, never the whole model), e.g. for the
+        alignment of one MoE layer."""
+        block = next((b for b in self.model.blocks if any(m is module for m in b.modules())), None)
+        units = [m for m in block.modules() if isinstance(m, FSDPModule)] if block is not None else []
+        for unit in units:
+            unit.unshard()
         try:
             yield module
         finally:
-            unit.reshard()
+            for unit in units:
+                unit.reshard()
 
 
 def clip_mixed_(dense: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float,
@@ -112,11 +115,35 @@ def clip_mixed_(dense: list[torch.Tensor], sharded: list[torch.Tensor], max_norm
     return total
 
 
+FLOAT32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+"""FSDP2's policy for the MoE layers when `parallelize` gets a `param_dtype`: float32 weights gathered,
+gradients reduced in float32, inputs left as they come (the blocks' bf16 activations).
+
+φ = C·normalize(R GᵀG) reads R and the expert matrices, parameters of the MoE layer, in the layer's
+forward (not the router's: a unit of the router alone would still be sharded there), so each layer is
+a unit of its own and φ comes from the float32 weights one process and DDP use; bf16-rounded R and G
+shift φ, and every logit, by ~2e-3 relative (tests/parallel/test_gpu_paths.py). The same for every
+router kind, so linear-vs-MPI runs stay paired. The experts' matmuls still run in bf16 (autocast casts
+their float32 weights, as in one process); the cost is their gather, twice the bytes of bf16."""
+
+
+def _require_autocast(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a `FLOAT32` MoE unit: its float32 experts meet bf16 activations, which only
+    autocast reconciles; without it the expert matmul would fail with a dtype mismatch deep inside."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and not torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError("parallelize(param_dtype=...) keeps the MoE layers in float32: run the forward under "
+                           "torch.autocast(device_type, dtype=param_dtype), as the trainer does")
+
+
 def parallelize(model: MoELM, ctx: DistContext, param_dtype: torch.dtype | None = None) -> Parallelized:
     """Spread `model` (already on this rank's device, identically initialized on every rank) over the job.
 
     `param_dtype`: FSDP2's compute dtype for the weights (bf16 on GPU; gradients are still reduced
-    in float32); None keeps them as they are. DDP broadcasts rank 0's weights at wrap time.
+    in float32); None keeps them as they are. With it set (and ep = 1), each MoE layer is a float32
+    unit of its own (`FLOAT32`: φ reads its weights), so a forward with a lower `param_dtype` must run
+    under autocast, as the trainer's does (autocast casts the experts for their matmuls, as in one
+    process); one without is refused. DDP broadcasts rank 0's weights at wrap time.
     Every rank reads its own data, so the dense weights are data-parallel over all ranks, also
     under expert parallelism (whose experts DDP/FSDP2 leave alone).
     """
@@ -134,7 +161,14 @@ def parallelize(model: MoELM, ctx: DistContext, param_dtype: torch.dtype | None 
         return Parallelized(model, ddp, ctx, list(experts.values()))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None)
     ignored = set(experts.values()) or None
+    # φ's inputs in float32 (`FLOAT32`); under expert parallelism R and the experts are float32 DTensors
+    # that FSDP2 leaves alone, and φ comes from their shards already
+    own_units = param_dtype is not None and not experts
     for block in model.blocks:
+        for moe in [m for m in block.modules() if isinstance(m, MoE)] if own_units else []:
+            fully_shard(moe, mesh=mesh, mp_policy=FLOAT32, ignored_params=ignored)
+            if param_dtype != torch.float32:  # before FSDP2's all-gather
+                moe.register_forward_pre_hook(_require_autocast, prepend=True)
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     return Parallelized(model, model, ctx, list(experts.values()))
