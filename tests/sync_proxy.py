@@ -14,7 +14,8 @@ The aten ops are seen through a TorchDispatchMode, so also when called from C++.
 
 It cannot see a move to the CPU through a torch.device (on this CPU stand-in every device is the CPU, so
 `.to(device)` is a no-op here); the GPU tier (`tests/gpu/`) checks the real thing. Used by tests/trainer/test_step.py,
-tests/integrations/test_hf.py and the 2-rank script tests/trainer/dist_sync.py.
+tests/integrations/test_hf_counts.py, tests/integrations/titan/test_titan_counts.py and the 2-rank script
+tests/trainer/dist_sync.py.
 """
 
 from __future__ import annotations
@@ -36,17 +37,23 @@ def _is_cpu_target(args, kwargs) -> bool:
 
 
 class SyncProxy(TorchDispatchMode):
-    """Records what would synchronize with the host on CUDA (module docstring); `found` lists it, in order."""
+    """Records what would synchronize with the host on CUDA (module docstring); `found` lists it, in order.
 
-    def __init__(self):
+    `active`: record only while it is true (set it around the part of a larger run under test, e.g. a hook).
+    """
+
+    def __init__(self, active: bool = True):
         super().__init__()
+        self.active = active
         self.found: list[str] = []
         self._saved: dict[str, object] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in SYNCING_OPS:
+        if not self.active:
+            pass
+        elif name in SYNCING_OPS:
             self.found.append(name)
         elif name == "repeat_interleave" and kwargs.get("output_size") is None:  # its output size is read from the data
             self.found.append("repeat_interleave without output_size")
@@ -64,7 +71,8 @@ class SyncProxy(TorchDispatchMode):
             self._saved[name] = real
 
             def spy(tensor, *a, _real=real, _name=name, **k):
-                self.found.append(f"Tensor.{_name}")
+                if self.active:
+                    self.found.append(f"Tensor.{_name}")
                 return _real(tensor, *a, **k)
 
             setattr(torch.Tensor, name, spy)
@@ -72,7 +80,7 @@ class SyncProxy(TorchDispatchMode):
         self._saved["to"] = real_to
 
         def to_spy(tensor, *a, **k):
-            if _is_cpu_target(a, k):
+            if self.active and _is_cpu_target(a, k):
                 self.found.append('Tensor.to("cpu")')
             return real_to(tensor, *a, **k)
 
