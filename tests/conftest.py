@@ -113,3 +113,27 @@ def text_corpus(tmp_path_factory):
         return made[chars]
 
     return make
+
+
+class StoppedAtSetDevice(Exception):
+    """Raised by `cuda_set_device_stops`'s fake: a test needs only to see the call."""
+
+
+@pytest.fixture
+def cuda_set_device_stops(monkeypatch):
+    """Pretend CUDA is available; `torch.cuda.set_device` records its device in the returned list and raises
+    StoppedAtSetDevice (the returned list's `.stop` attribute), so a command is seen to set it first, then stops."""
+    import torch
+
+    class Calls(list):
+        stop = StoppedAtSetDevice
+
+    calls = Calls()
+
+    def set_device(device):
+        calls.append(torch.device(device))
+        raise StoppedAtSetDevice
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    return calls

@@ -124,22 +124,10 @@ def test_hf_block_holds_our_weights_and_trains():
     assert x_BSD.grad.shape == x_BSD.shape and all(p.grad is not None for p in block.parameters())
 
 
-class Stopped(Exception):
-    """Raised by a fake: the test needs only to see the call."""
-
-
-def test_bench_on_cuda_1_makes_it_the_current_device_first(monkeypatch):
-    calls = []
-
-    def set_device(device):
-        calls.append(torch.device(device))
-        raise Stopped
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    with pytest.raises(Stopped):
+def test_bench_on_cuda_1_makes_it_the_current_device_first(cuda_set_device_stops):
+    with pytest.raises(cuda_set_device_stops.stop):
         run_bench(["debug"], device="cuda:1", printer=lambda *a: None)
-    assert calls == [torch.device("cuda", 1)]
+    assert cuda_set_device_stops == [torch.device("cuda", 1)]
 
 
 def counting_variants(monkeypatch, calls: Counter, fail: dict | None = None):

@@ -33,10 +33,6 @@ def fake_stream(device=None):
     return ("stream", "current" if device is None else torch.device(device).index)
 
 
-class Stopped(Exception):
-    """Raised by the fake set_device: the test needs only to see the call."""
-
-
 def test_step_timer_records_its_events_on_its_own_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", fake_stream)
@@ -56,18 +52,10 @@ def test_use_device_sets_only_an_indexed_cuda_device(monkeypatch):
     assert calls == [torch.device("cuda", 1), torch.device("cuda", 0)]
 
 
-def test_train_on_cuda_1_makes_it_the_current_device_first(monkeypatch, tmp_path):
-    calls = []
-
-    def set_device(device):
-        calls.append(torch.device(device))
-        raise Stopped
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+def test_train_on_cuda_1_makes_it_the_current_device_first(cuda_set_device_stops, tmp_path):
     cfg = TrainConfig(model=preset_config("debug"), preset="debug", steps=1, device="cuda:1", out_dir=str(tmp_path / "run"),
                       progress=False)
-    with pytest.raises(Stopped):
+    with pytest.raises(cuda_set_device_stops.stop):
         train(cfg)
-    assert calls == [torch.device("cuda", 1)]
+    assert cuda_set_device_stops == [torch.device("cuda", 1)]
     assert not (tmp_path / "run").exists()  # before the run folder is claimed, data read or a model built
