@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mpirouter.core import precision
+
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
 SYNCING_OPS = ("_local_scalar_dense", "bincount", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
                "unique_consecutive", "_unique")
@@ -85,10 +87,15 @@ class SyncProxy(TorchDispatchMode):
             return real_to(tensor, *a, **k)
 
         torch.Tensor.to = to_spy
+        # on CUDA bf16 GEMMs are native: the stand-in must see the code's own ops, not the float32 GEMMs by which
+        # mpirouter.core.precision emulates bf16 on a CPU without bf16 kernels (they would read as float32 grouped_mm)
+        self._native = precision.bf16_emulation(False)
+        self._native.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         for name, real in self._saved.items():
             setattr(torch.Tensor, name, real)
         self._saved.clear()
+        self._native.__exit__(*exc)
         return super().__exit__(*exc)

@@ -193,7 +193,8 @@ def cmd_bench(args) -> int:
     Hugging Face transformers' Qwen3-MoE block, a naive loop, a dense layer), timed interleaved and
     repeated, as a share of a matmul ceiling timed alongside; and the MPI rows' share of a training
     step. With --device cuda (the default where CUDA is available): bf16 autocast, CUDA-event
-    timing, shape `large` added and the router share taken at the `large` preset.
+    timing, shape `large` added and the router share taken at the `large` preset. Under bf16: a
+    float32 ceiling in the same rotation, and a training step in fp32 beside bf16 (--step-presets).
     """
     from .experiments.bench import run_bench
 
@@ -217,8 +218,10 @@ def cmd_bench(args) -> int:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
     shapes = [s.strip() for s in args.shapes.split(",")] if args.shapes is not None else None
+    step_presets = [p.strip() for p in args.step_presets.split(",") if p.strip()] if args.step_presets is not None else None
     results = run_bench(shapes, reps=args.reps, repeat=args.repeat, router_preset=args.router_preset, device=args.device,
-                        precision=args.precision)
+                        precision=args.precision, step_presets=step_presets, torch_bf16_kernels=args.torch_bf16_kernels,
+                        step_optimizer=args.step_optimizer)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -372,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, default=5, help="timed reps per repeat, interleaved across variants (their median is the repeat's figure)")
     b.add_argument("--repeat", type=int, default=3, help="whole measurements, round-robin over variants; median and min-max over them reported")
     b.add_argument("--router-preset", default=None, help="model preset for the router-share measurement; None: large on CUDA, tiny on CPU; '' skips it")
+    b.add_argument("--step-presets", default=None, help="presets of the fp32-vs-bf16 training-step table (bf16 only); "
+                   "None: tiny,small on CPU, small,medium on CUDA; '' skips it")
+    b.add_argument("--torch-bf16-kernels", action="store_true", help="that table also times torch's own bf16 kernels where this "
+                   "CPU has none of its own (the matmuls are emulated in float32 otherwise; slow: small presets only)")
+    b.add_argument("--step-optimizer", default="adamw", help="optimizer of that table (optim.name)")
     b.add_argument("--json", default=None, help="also write the numbers to this file")
     b.add_argument("--dist", action="store_true", help="instead: the trainer's step, 1 process vs DDP/FSDP2 under torchrun "
                    "(experiments/bench_dist.py)")

@@ -13,7 +13,7 @@ import torch
 from mpirouter.cli import main
 from mpirouter.core.moe import MoE, MoEConfig
 from mpirouter.core.routers import RouterConfig
-from mpirouter.experiments import bench
+from mpirouter.experiments import bench, timing
 from mpirouter.experiments.bench import SHAPES, Spread, auto_dispatch, grouped_mm_skip_reason, pct_of_ceiling, run_bench, summarize
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -155,7 +155,7 @@ def test_every_variant_is_warmed_up_more_than_once_before_it_is_timed(monkeypatc
     r = bench.bench_moe_layer(SHAPES["debug"], reps=1, repeat=1, ceiling_n=64, hf=False)
     assert set(r["summary"]) >= {"sorted/loop", "naive", "dense"}
     for name in [*r["summary"], "ceiling"]:
-        assert bench.WARMUP_MIN <= r["warmup_runs"][name] <= bench.WARMUP_MAX
+        assert timing.WARMUP_MIN <= r["warmup_runs"][name] <= timing.WARMUP_MAX
         assert calls[name] == r["warmup_runs"][name] + 1  # its warm-up runs, then the one timed rep
 
 
@@ -169,10 +169,10 @@ def test_the_warm_up_stops_once_two_runs_agree(monkeypatch):
         def read(self):
             return [next(times)]
 
-    monkeypatch.setattr(bench, "StepTimer", Timer)
-    assert bench.warm_up(lambda timer: None, torch.device("cpu")) == 4  # 1.0 then 0.95: within 10%
+    monkeypatch.setattr(timing, "StepTimer", Timer)
+    assert timing.warm_up(lambda timer: None, torch.device("cpu")) == 4  # 1.0 then 0.95: within 10%
     times = iter([1.0, 2.0] * 5)
-    assert bench.warm_up(lambda timer: None, torch.device("cpu")) == bench.WARMUP_MAX  # never settles
+    assert timing.warm_up(lambda timer: None, torch.device("cpu")) == timing.WARMUP_MAX  # never settles
 
 
 OOM_ERRORS = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),

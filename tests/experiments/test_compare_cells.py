@@ -47,12 +47,15 @@ def test_each_cell_is_a_section_in_the_order_given_with_its_own_baseline(report)
     out, text, summary = report
     titles = [line for line in text.splitlines() if line.startswith("## ")]
     assert titles == ["## preset `debug`, optimizer `adamw`, score_func=sigmoid, n_shared=0",
-                      "## preset `debug`, optimizer `adamw`, score_func=softmax, n_shared=0"]
+                      "## preset `debug`, optimizer `adamw`, score_func=softmax, n_shared=0", "## Between cells"]
     labels = [[r["label"] for r in sec["rows"]] for sec in summary["sections"]]
     assert labels == [["linear", "mpi C'=1"], ["linear", "mpi C'=1", "mpi C'=1 target=up"]]
     assert all(sec["rows"][0]["diff"] is None and all(r["diff_n"] == 2 for r in sec["rows"][1:]) for sec in summary["sections"])
-    # Holm runs over every comparison of the report: 1 + 2
-    assert summary["comparisons"]["n"] == 3 and "makes 3 paired comparisons" in text
+    # Holm runs over every comparison of the report: 1 + 2 in the sections, and softmax vs sigmoid for the two
+    # variants both cells have (n_shared has one value: nothing to pair)
+    assert [(r["label"], r["value"], r["baseline"]) for r in summary["between_cells"]] == [
+        ("linear", "softmax", "sigmoid"), ("mpi C'=1", "softmax", "sigmoid")]
+    assert summary["comparisons"]["n"] == 5 and "makes 5 paired comparisons" in text
     assert (out / "debug-adamw-score_func_softmax-n_shared_0-val_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 

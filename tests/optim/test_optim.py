@@ -11,6 +11,7 @@ from torch.distributed.tensor.placement_types import Partial
 
 from mpirouter.trainer.data import DataConfig, prepare_data
 from mpirouter.core.model import MoELM, preset_config
+from mpirouter.core.precision import bf16_matmuls
 from mpirouter.optim import (
     DEFAULT_LR,
     OPTIMIZERS,
@@ -424,8 +425,9 @@ def test_newton_schulz_of_an_empty_stack_is_empty():
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 def test_stacked_muon_on_a_matrix_is_torch_muon_bitwise_on_cpu():
-    """Under FSDP2 the 2-D weights go to StackedMuon (it gathers whole matrices), under DDP and in one
-    process to torch.optim.Muon: on CPU the two iterations agree bitwise, hence DDP == FSDP2 bitwise."""
+    """StackedMuon's iteration on a 2-D weight is torch.optim.Muon's, bitwise on CPU when both multiply the same way:
+    newton_schulz emulates bf16 GEMMs where the CPU has no bf16 kernels (core.precision), so torch's runs under the
+    same emulation there."""
     gen = torch.Generator().manual_seed(5)
     for shape in [(192, 64), (64, 64), (4, 64)]:
         w = torch.randn(*shape, generator=gen)
@@ -436,7 +438,8 @@ def test_stacked_muon_on_a_matrix_is_torch_muon_bitwise_on_cpu():
             g = torch.randn(*shape, generator=gen)
             a.grad, b.grad = g.clone(), g.clone()
             oa.step()
-            ob.step()
+            with bf16_matmuls("cpu"):
+                ob.step()
         assert torch.equal(a, b), shape
 
 

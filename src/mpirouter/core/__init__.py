@@ -1,8 +1,10 @@
 """Layer 1, the model code (depends only on torch and `common`): router math and the `Router`
-module (`routers`), the dropless MoE layer (`moe`), the decoder-only MoE language model (`model`)."""
+module (`routers`), the dropless MoE layer (`moe`), the decoder-only MoE language model (`model`),
+bf16 autocast with bf16 matmuls emulated where a CPU has no bf16 kernels (`precision`)."""
 
 from .model import ModelConfig, ModelOutput, MoELM, preset_config
 from .moe import MoE, MoEConfig, MoEOutput, MoEStats, load_balance_loss, max_violation, route
+from .precision import EmulateBF16Matmuls, bf16_matmuls, native_bf16_matmul
 from .routers import (
     MPIRouter,
     Router,
@@ -17,6 +19,7 @@ from .routers import (
 )
 
 __all__ = [
+    "EmulateBF16Matmuls",
     "MPIRouter",
     "ModelConfig",
     "ModelOutput",
@@ -29,10 +32,12 @@ __all__ = [
     "RouterConfig",
     "RowsPerStep",
     "alignment",
+    "bf16_matmuls",
     "load_balance_loss",
     "max_violation",
     "mpi_rows",
     "mpi_scale",
+    "native_bf16_matmul",
     "power_step",
     "preset_config",
     "retract",

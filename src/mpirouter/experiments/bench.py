@@ -3,6 +3,7 @@
     mpirouter bench                                   # CPU: shapes tiny,small,fine, 3 repeats x 5 reps (2 cores: ~3 min)
     mpirouter bench --device cuda                     # GPU: bf16 autocast, + shape large, router share at preset large
     mpirouter bench --shapes small --reps 7 --repeat 5
+    mpirouter bench --precision bf16                  # CPU in bf16: + fp32 ceiling, + fp32-vs-bf16 steps (tiny, small)
 
 Everything in one table is measured in the same process. One *repeat* times every variant `reps`
 times, interleaved rep by rep in a rotating order, and keeps each variant's median; `--repeat N`
@@ -22,12 +23,14 @@ Rows per shape (forward + backward of one MoE layer, router included):
 "= auto" marks the path dispatch="auto" takes here (`core.moe.choose_dispatch`). "% ceil" is achieved
 FLOP/s (`moe_flops`) as a share of a square matmul timed in the same rotation: fp32 2048³ on CPU,
 bf16 8192³ on CUDA (where every variant runs under bf16 autocast and is timed with CUDA events).
+Under bf16 (any device) a float32 matmul of the same size is timed in the rotation too, and the
+table after the router share sets a training step in fp32 beside bf16 (`bench_precision`). On a CPU
+without bf16 kernels every bf16 matmul is emulated in float32 (`core.precision`), as in training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import importlib.metadata
 import statistics
 from dataclasses import dataclass
@@ -42,11 +45,15 @@ from ..common.provenance import describe, environment
 from ..core.dispatch import grouped_mm_fallback_reason
 from ..core.model import PRESETS, MoELM, preset_config
 from ..core.moe import MoE, MoEConfig, choose_dispatch, moe_flops, route
+from ..core.precision import autocast, bf16_matmuls, native_bf16_matmul
 from ..core.routers import RouterConfig
 from ..optim import OptimConfig, build_optimizer
+from ..optim.config import OPTIMIZERS
 from ..trainer.device import StepTimer, autocast_dtype, resolve_device, use_device
 from ..trainer.evaluation import router_cost_ms
 from ..trainer.step import train_step
+from .bench_precision import DEFAULT_STEP_PRESETS, bench_step_precision
+from .timing import free_memory, is_out_of_memory, one_line, skip_reason, time_interleaved, warm_up
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ SHAPES: dict[str, BenchShape] = {
 DEFAULT_SHAPES = {"cpu": "tiny,small,fine", "cuda": "tiny,small,fine,large"}
 DEFAULT_ROUTER_PRESET = {"cpu": "tiny", "cuda": "large"}
 CEILING_N = {"cpu": 2048, "cuda": 8192}
-BASELINE, CEILING, HF = "sorted/loop", "ceiling", "hf-qwen3"
+BASELINE, CEILING, CEILING_FP32, HF = "sorted/loop", "ceiling", "ceiling-fp32", "hf-qwen3"
 
 
 # ----------------------------------------------------------------------------- summaries (pure)
@@ -202,7 +209,7 @@ class _SeenOps(TorchFunctionMode):
 def hf_implementation(block: nn.Module, x_BSD: torch.Tensor, amp: torch.dtype | None) -> str:
     """Which experts implementation the block was configured with and which kernel one forward actually ran."""
     chosen = getattr(getattr(block.experts, "config", None), "_experts_implementation", None) or "eager"
-    with torch.no_grad(), _autocast(x_BSD.device, amp), _SeenOps() as seen:
+    with torch.no_grad(), bf16_matmuls(x_BSD.device, amp), autocast(x_BSD.device, amp), _SeenOps() as seen:
         block(x_BSD)
     if "_grouped_mm" in seen.names or "grouped_mm" in seen.names:
         ran = "torch._grouped_mm"
@@ -236,23 +243,17 @@ class Variant(NamedTuple):
     x: torch.Tensor
     params: list[nn.Parameter]
     backward: bool = True
+    fp32: bool = False
+    """Run without autocast (the float32 ceiling beside a bf16 table)."""
 
 
 def _dtype(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    return (" ".join(str(e).split()) or type(e).__name__)[:limit]
-
-
 def _first(out):
     """The hidden states of an HF MoE block (transformers 4 returns them with the router logits)."""
     return out[0] if isinstance(out, tuple) else out
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def build_variants(shape: BenchShape, device: torch.device, amp: torch.dtype | None, ceiling_n: int, hf: bool = True,
@@ -280,9 +281,9 @@ def build_variants(shape: BenchShape, device: torch.device, amp: torch.dtype | N
             block = hf_qwen3_block(loop).to(device, dtype)
             ran = hf_implementation(block, x_TD[None, :256], amp)
         except ImportError as e:
-            skipped[HF] = f"transformers or its Qwen3-MoE is not installed: {_one_line(e)}"
+            skipped[HF] = f"transformers or its Qwen3-MoE is not installed: {one_line(e)}"
         except RuntimeError as e:
-            skipped[HF] = f"its forward fails here: {_one_line(e)}"
+            skipped[HF] = f"its forward fails here: {one_line(e)}"
         else:
             notes.append(f"{HF}: transformers {importlib.metadata.version('transformers')} {type(block).__name__} "
                          f"(AutoModel.from_config, our weights in {_dtype(dtype)}), {ran}")
@@ -295,95 +296,25 @@ def build_variants(shape: BenchShape, device: torch.device, amp: torch.dtype | N
     variants["dense"] = Variant(lambda x: dense["d"](F.silu(dense["g"](x)) * dense["u"](x)), x_dense, list(dense.parameters()))
     a_mm, b_mm = (torch.randn(ceiling_n, ceiling_n, device=device, dtype=dtype) for _ in range(2))
     variants[CEILING] = Variant(lambda _: torch.mm(a_mm, b_mm), a_mm, [], backward=False)
+    if amp is not None:  # what the lower precision buys over float32 matmuls, timed in the same rotation
+        a32, b32 = a_mm.float(), b_mm.float()
+        variants[CEILING_FP32] = Variant(lambda _: torch.mm(a32, b32), a32, [], backward=False, fp32=True)
     return variants, skipped, notes
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-WARMUP_MIN, WARMUP_MAX, WARMUP_SETTLED = 2, 5, 0.10
-"""Warm-up runs of each variant: at least WARMUP_MIN, then until two consecutive runs differ by at most WARMUP_SETTLED
-of the later one, at most WARMUP_MAX. The first pays one-time costs (allocator growth, cuBLAS handles and heuristics,
-kernel loading, autotuning); on a GPU the second can still pay some (the caching allocator settling)."""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """A failed GPU allocation: torch's OutOfMemoryError, or cuBLAS/cuDNN failing to allocate their workspace,
-    which reaches Python as a plain RuntimeError ("CUBLAS_STATUS_ALLOC_FAILED", "... out of memory")."""
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(e, RuntimeError) and ("CUBLAS_STATUS_ALLOC_FAILED" in str(e) or "out of memory" in str(e).lower())
-
-
-def _skip_reason(e: BaseException) -> str:
-    return f"out of memory: {_one_line(e)}" if is_out_of_memory(e) else f"failed: {_one_line(e)}"
-
-
-def _free_memory(device: torch.device) -> None:
-    """After a failed run: drop its tensors (outside the except block, where the traceback no longer holds them)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def warm_up(run: Callable[[StepTimer], None], device: torch.device) -> int:
-    """Run `run` until its time settles (WARMUP_MIN to WARMUP_MAX times); returns how many runs it took."""
-    timer, last = StepTimer(device), None
-    for n in range(1, WARMUP_MAX + 1):
-        run(timer)
-        t = timer.read()[-1]  # on CUDA one synchronization per warm-up run, none while timing
-        if n >= WARMUP_MIN and abs(t - last) <= WARMUP_SETTLED * t:
-            return n
-        last = t
-    return WARMUP_MAX
-
-
-def time_interleaved(runs: Mapping[str, Callable[[StepTimer], None]], device: torch.device, reps: int,
-                     repeat: int, warmup: bool = True, dropped: dict[str, str] | None = None) -> dict[str, list[float]]:
-    """Per name, the median ms of each repeat. Each run starts and stops the timer it is given around
-    its timed region; names rotate rep by rep (and on across repeats). On CUDA the timers are CUDA
-    events, read (one synchronization) once per repeat. `warmup`: `warm_up` each name first. `dropped`:
-    a run that runs out of memory is dropped (its reason put there, absent from the result), the others
-    go on; None: it raises."""
-    names = list(runs)
-    timers = {n: StepTimer(device) for n in names}
-    if warmup:
-        for n in names:
-            warm_up(runs[n], device)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    gone: set[str] = set()
-    turn = 0
-    for _ in range(repeat):
-        for _ in range(reps):
-            for n in names[turn % len(names):] + names[: turn % len(names)]:
-                if n in gone:
-                    continue
-                try:
-                    runs[n](timers[n])
-                    continue
-                except RuntimeError as e:
-                    if dropped is None or not is_out_of_memory(e):
-                        raise
-                    dropped[n] = _skip_reason(e)
-                gone.add(n)
-                _free_memory(device)
-            turn += 1
-        for n in names:
-            if n not in gone:
-                out[n].append(1000.0 * statistics.median(timers[n].read()))
-    return {n: ms for n, ms in out.items() if n not in gone}
-
-
 def _layer_run(v: Variant, device: torch.device, amp: torch.dtype | None) -> Callable[[StepTimer], None]:
+    amp = None if v.fp32 else amp
+
     def run(timer: StepTimer) -> None:
         for p in v.params:
             p.grad = None
         x = v.x.detach().requires_grad_(v.backward)
         timer.start()
-        with _autocast(device, amp):
-            out = v.fn(x)
-        if v.backward:
-            out.backward(torch.ones_like(out))
+        with bf16_matmuls(device, amp):  # emulated where the CPU has no bf16 kernels, as in training
+            with autocast(device, amp):
+                out = v.fn(x)
+            if v.backward:
+                out.backward(torch.ones_like(out))
         timer.stop()
     return run
 
@@ -406,9 +337,9 @@ def bench_moe_layer(shape: BenchShape, reps: int = 5, repeat: int = 3, device: t
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise
-        result["skipped"][BASELINE] = _skip_reason(e)
+        result["skipped"][BASELINE] = skip_reason(e)
     if result["skipped"]:  # nothing was built
-        _free_memory(device)
+        free_memory(device)
         return result
     result.update(skipped=skipped, notes=notes)
     runs = {n: _layer_run(v, device, amp) for n, v in variants.items()}
@@ -418,16 +349,16 @@ def bench_moe_layer(shape: BenchShape, reps: int = 5, repeat: int = 3, device: t
         except RuntimeError as e:  # NotImplementedError and out of memory included
             if n in (BASELINE, CEILING) and not is_out_of_memory(e):
                 raise
-            skipped[n] = _skip_reason(e)
+            skipped[n] = skip_reason(e)
         if n in skipped:
             del runs[n], variants[n]
-            _free_memory(device)
+            free_memory(device)
             if n == BASELINE:
                 return result
     ms = time_interleaved(runs, device, reps, repeat, warmup=False, dropped=skipped)
     if BASELINE not in ms:
         return result
-    ceiling_ms = ms.pop(CEILING, None)
+    ceiling_ms, ceiling_fp32_ms = ms.pop(CEILING, None), ms.pop(CEILING_FP32, None)
     summary = summarize(ms)
     result.update(ms={n: s.ms.median for n, s in summary.items()}, repeats_ms=ms,
                   summary={n: dataclasses.asdict(s) for n, s in summary.items()})
@@ -435,9 +366,13 @@ def bench_moe_layer(shape: BenchShape, reps: int = 5, repeat: int = 3, device: t
         ceiling = [2.0 * ceiling_n**3 / (t / 1000.0) for t in ceiling_ms]
         flops = moe_flops(shape.tokens, shape.top_k, shape.dim, shape.hidden)
         result["pct_of_ceiling"] = {n: pct_of_ceiling(t, ceiling, flops).median for n, t in ms.items()}
-        result["ceiling"] = {"name": f"{_dtype(dtype)} mm {ceiling_n}^3",
+        emulated = " (emulated in float32)" if amp is not None and not native_bf16_matmul(device) else ""
+        result["ceiling"] = {"name": f"{_dtype(dtype)} mm {ceiling_n}^3{emulated}",
                              "gflops": dataclasses.asdict(Spread.of([c / 1e9 for c in ceiling])),
                              "gflops_repeats": [c / 1e9 for c in ceiling]}
+    if ceiling_fp32_ms is not None:
+        fp32 = [2.0 * ceiling_n**3 / (t / 1000.0) / 1e9 for t in ceiling_fp32_ms]
+        result["ceiling_fp32"] = {"name": f"fp32 mm {ceiling_n}^3", "gflops": dataclasses.asdict(Spread.of(fp32)), "gflops_repeats": fp32}
     return result
 
 
@@ -502,8 +437,8 @@ def bench_router_share_fitting(preset: str, reps: int, repeat: int, device: torc
         except RuntimeError as e:  # torch's OutOfMemoryError, or cuBLAS failing to allocate its workspace
             if device.type != "cuda" or not is_out_of_memory(e):
                 raise
-            reason = _skip_reason(e)
-        _free_memory(device)  # outside the except block: the traceback's frames (the model) are gone by now
+            reason = skip_reason(e)
+        free_memory(device)  # outside the except block: the traceback's frames (the model) are gone by now
         if batch_size == 1:
             return {"preset": preset, "skipped": f"{reason} (batch size 1)"}
         batch_size //= 2
@@ -531,6 +466,8 @@ def print_layer_table(name: str, r: dict, printer=print) -> None:
     s = BenchShape(**r["shape"])
     ceiling = (f"ceiling {r['ceiling']['name']} in the same rotation: {_flops(Spread(**r['ceiling']['gflops']))}"
                if r["ceiling"] else f"no ceiling ({CEILING} skipped)")
+    if r.get("ceiling_fp32"):
+        ceiling += f" ({r['ceiling_fp32']['name']}: {_flops(Spread(**r['ceiling_fp32']['gflops']))})"
     printer(f"\nMoE layer fwd+bwd, shape {name}: d={s.dim} E={s.num_experts} k={s.top_k} F={s.hidden} T={s.tokens}, {r['dtype']}; "
             f"{ceiling}")
     if r["summary"]:
@@ -548,11 +485,13 @@ def print_layer_table(name: str, r: dict, printer=print) -> None:
 
 
 def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, router_preset: str | None = None,
-              device: str = "auto", precision: str = "auto", ceiling_n: int | None = None, hf: bool = True, printer=print) -> dict:
+              device: str = "auto", precision: str = "auto", ceiling_n: int | None = None, hf: bool = True, printer=print,
+              step_presets: list[str] | None = None, torch_bf16_kernels: bool = False, step_optimizer: str = "adamw") -> dict:
     """Run the benchmark, print the tables, return the numbers.
 
     shapes None: DEFAULT_SHAPES of the device; router_preset None: DEFAULT_ROUTER_PRESET of the device,
-    "" skips the training-step measurement. ValueError for bad arguments (before anything is timed).
+    "" skips the training-step measurement. step_presets (bf16 only): the fp32-vs-bf16 step table
+    (`bench_precision`), None: its DEFAULT_STEP_PRESETS. ValueError for bad arguments (before anything is timed).
     """
     dev = resolve_device(device)
     if precision not in ("auto", "bf16", "fp32"):
@@ -566,17 +505,30 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
     router_preset = DEFAULT_ROUTER_PRESET[dev.type] if router_preset is None else router_preset
     if router_preset and router_preset not in PRESETS:
         raise ValueError(f"router preset {router_preset!r} is not one of {', '.join(PRESETS)} ('' to skip)")
-    use_device(dev)  # CUDA events and syncs act on the current device: with --device cuda:1, make it cuda:1
     amp = autocast_dtype(precision, dev)
+    if step_presets is None:
+        step_presets = DEFAULT_STEP_PRESETS[dev.type].split(",") if amp is not None else []
+    for p in step_presets:
+        if p not in PRESETS:
+            raise ValueError(f"step preset {p!r} is not one of {', '.join(PRESETS)}")
+    if step_optimizer not in OPTIMIZERS:
+        raise ValueError(f"step optimizer {step_optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if step_presets and amp is None:
+        raise ValueError("--step-presets compares fp32 with bf16: pass --precision bf16")
+    use_device(dev)  # CUDA events and syncs act on the current device: with --device cuda:1, make it cuda:1
     env = environment(str(dev))
     preset_arg = router_preset or "''"
     command = (f"mpirouter bench --device {dev} --precision {precision} --shapes {','.join(shapes)} --reps {reps} "
-               f"--repeat {repeat} --router-preset {preset_arg}")
+               f"--repeat {repeat} --router-preset {preset_arg}" + (f" --step-presets {','.join(step_presets)}" if amp else "")
+               + (" --torch-bf16-kernels" if torch_bf16_kernels else "") + (f" --step-optimizer {step_optimizer}" if amp else ""))
     printer(f"`{command}` · {describe(env)}")
     timing = "CUDA events" if dev.type == "cuda" else "wall clock"
     printer(f"Figures: median [min–max] over {repeat} repeat(s) of each repeat's median of {reps} rep(s), variants interleaved "
             f"rep by rep; ±: half that range / median; t/loop: time ÷ {BASELINE}'s, per repeat. "
             f"{'bf16 autocast' if amp else 'fp32'}, {timing}.")
+    if amp is not None and not native_bf16_matmul(dev):
+        printer("This CPU has no bf16 matmul kernels (no AVX512-BF16/AMX): bf16 matmuls and attention are emulated in "
+                "float32 and rounded to bf16, as in training (core.precision).")
     results: dict = {"env": env, "command": command, "device": str(dev), "precision": precision, "reps": reps, "repeat": repeat,
                      "shapes": {}}
     for name in shapes:
@@ -584,18 +536,34 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
         print_layer_table(name, r, printer)
         results["shapes"][name] = r
     if router_preset:
-        r = bench_router_share_fitting(router_preset, reps, repeat, dev, amp)
-        results["router"] = r
-        if "skipped" in r:
-            printer(f"\nTraining step of preset {router_preset!r}: skipped ({r['skipped']})")
-            return results
-        sp = {k: Spread(**v) for k, v in r["spread"].items()}
-        halved = f"; batch halved from {r['batch_halved_from']} to fit in GPU memory" if r["batch_halved_from"] else ""
-        printer(f"\nTraining step of preset {router_preset!r} ({r['batch_size']} x {r['tokens'] // r['batch_size']} = {r['tokens']} tokens, "
-                f"fwd+bwd+clip+AdamW, one model with the router kind switched between steps{halved}):")
-        printer(f"  linear router {_range(sp['step_ms_linear'])} ms | mpi router {_range(sp['step_ms_mpi'])} ms | "
-                f"mpi/linear {_range(sp['step_ratio'], lambda v: f'{v:.3f}')}")
-        printer(f"  MPI rows φ fwd+bwd {_range(sp['mpi_rows_ms'])} ms = {_range(sp['mpi_rows_share'], lambda v: f'{100 * v:.2f}', '%')} "
-                f"of the mpi step")
-        results["router"] = r
+        results["router"] = bench_router_share_fitting(router_preset, reps, repeat, dev, amp)
+        print_router_share(router_preset, results["router"], printer)
+    for preset in step_presets:
+        r = bench_step_precision(preset, reps, repeat, dev, torch_bf16_kernels, step_optimizer)
+        results.setdefault("step_precision", {})[preset] = r
+        print_step_precision(r, printer)
     return results
+
+
+def print_router_share(preset: str, r: dict, printer=print) -> None:
+    if "skipped" in r:
+        printer(f"\nTraining step of preset {preset!r}: skipped ({r['skipped']})")
+        return
+    sp = {k: Spread(**v) for k, v in r["spread"].items()}
+    halved = f"; batch halved from {r['batch_halved_from']} to fit in GPU memory" if r["batch_halved_from"] else ""
+    printer(f"\nTraining step of preset {preset!r} ({r['batch_size']} x {r['tokens'] // r['batch_size']} = {r['tokens']} tokens, "
+            f"fwd+bwd+clip+AdamW, one model with the router kind switched between steps{halved}):")
+    printer(f"  linear router {_range(sp['step_ms_linear'])} ms | mpi router {_range(sp['step_ms_mpi'])} ms | "
+            f"mpi/linear {_range(sp['step_ratio'], lambda v: f'{v:.3f}')}")
+    printer(f"  MPI rows φ fwd+bwd {_range(sp['mpi_rows_ms'])} ms = {_range(sp['mpi_rows_share'], lambda v: f'{100 * v:.2f}', '%')} "
+            f"of the mpi step")
+
+
+def print_step_precision(r: dict, printer=print) -> None:
+    """The fp32-vs-bf16 training-step table of `bench_precision.bench_step_precision`'s result."""
+    printer(f"\nTraining step of preset {r['preset']!r} in fp32 and bf16 ({r['batch_size']} x {r['tokens'] // r['batch_size']} "
+            f"tokens, mpi router, fwd+bwd+clip+{r['optimizer']}, one model, variants interleaved; bf16 matmuls {r['bf16_matmuls']}):")
+    for name, ms in r["repeats_ms"].items():
+        ratio = r["ratio_to_fp32"].get(name)
+        rat = "1 (baseline)" if ratio is None else _range(Spread.of(ratio), lambda v: f"{v:.2f}")
+        printer(f"  {name:<20}{_range(Spread.of(ms)):<26} ms   t/fp32 {rat}")

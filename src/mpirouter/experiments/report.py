@@ -7,7 +7,8 @@ grouped into sections by (preset, optimizer, `--vary` cell, lr) and by the rest 
 runs with other steps, batch, corpus or model get sections of their own); within a section runs with the same
 seed are paired against `linear`, and two finished runs of one variant and seed are refused. A row is a
 variant: router kind, C' and power target. With several lrs for one (preset, optimizer), a sweep table
-compares every router at its own best lr. Every "Δ vs linear" cell of a report (section and sweep rows) is one paired t-test, and
+compares every router at its own best lr; with `--vary`, each cell is also paired with its key's first value
+(`cells.py`). Every Δ cell of a report (section, sweep and between-cell rows) is one paired t-test, and
 all of them are Holm-adjusted together. Curves and the speed-up use one validation estimator at every
 point (`eval_curve`). The statistics themselves are in `stats.py`, provenance in `provenance.py`.
 """
@@ -25,6 +26,8 @@ from ..common.provenance import describe, environment
 from ..core.routers import POWER_TARGETS, ROUTER_KINDS
 from ..trainer.metrics import read_metrics
 from ..trainer.rundir import is_moved_aside
+from .cells import NOTES as CELL_NOTES
+from .cells import format_between_cells, summarize_between_cells
 from .folders import GRID_FILE, REPORT, REPORT_JSON, REPORT_TITLE, SESSIONS, check_outputs_ours
 from .plots import pyplot, save_figure
 from .sections import check_no_duplicates, differs_order, differs_stem, differs_text, group_runs
@@ -540,6 +543,8 @@ def write_report(out_dir: str | Path) -> Path:
                              "runs": section, "multi_lr": len(by_lr) > 1, "title": title,
                              "stem": stem + (f"-lr{lr:g}" if len(by_lr) > 1 else "")})
             compared += [(f"{r['label']} ({where})", r) for r in rows if r["diff"] is not None]
+    between = summarize_between_cells(sections, given, variant_label)
+    compared += [(f"{r['label']} {r['key']}={r['value']} vs {r['baseline']} ({r['where']})", r) for r in between]
     n = adjust_comparisons([row for _, row in compared])
     significant = [name for name, row in compared if row["p_holm"] is not None and row["p_holm"] < ALPHA]
     untested = sum(1 for _, row in compared if row["p"] is None)
@@ -576,10 +581,12 @@ def write_report(out_dir: str | Path) -> Path:
         curves = [r.curve() for r in section if r.final is not None]
         lines += [f"Curves and speed-up: validation {estimator_title(curves)}.", "", format_rows(rows), ""]
         lines += [f"![{f}]({f})" for f in _plots(section, rows, out, stem)]
+    if between:
+        lines += ["", "## Between cells", "", format_between_cells(between, _diff_cell), "", CELL_NOTES]
     lines += ["", "Columns:", "", NOTES, ""]
     summary = {"sessions": sessions, "report_env": now,
                "comparisons": {"n": n, "adjustment": "holm", "alpha": ALPHA, "significant": significant, "untested": untested},
-               "sweeps": sweeps, "sections": [sec for sec in sections if sec["rows"]]}
+               "sweeps": sweeps, "sections": [sec for sec in sections if sec["rows"]], "between_cells": between}
     atomic_write_text(out / REPORT, "\n".join(lines))
     atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2, default=str))
     return out / REPORT

@@ -66,7 +66,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1, ..."""
     precision: Precision = "auto"
-    """auto: bf16 autocast on GPU, float32 on CPU."""
+    """auto: bf16 autocast on GPU, float32 on CPU (`device.autocast_dtype` says why). bf16 on a CPU without bf16
+    kernels emulates its matmuls in float32 (`core.precision`)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     deterministic: bool = False

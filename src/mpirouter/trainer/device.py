@@ -34,7 +34,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU for 'auto'/'bf16'; None (float32) otherwise."""
+    """bf16 autocast for 'bf16', and for 'auto' on a GPU; None (float32) otherwise.
+
+    'auto' stays float32 on every CPU (docs/precision.md has the measurements): where the CPU has no bf16
+    kernels a bf16 step is slower than float32 even emulated (`core.precision`), and where it has them (AMX)
+    no training step has yet been measured faster in bf16 (`mpirouter bench --precision bf16` measures it)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None

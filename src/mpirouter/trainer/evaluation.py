@@ -14,6 +14,7 @@ import torch
 
 from ..core.model import MoELM
 from ..core.moe import MoE, max_violation
+from ..core.precision import autocast, bf16_matmuls
 from .config import TrainConfig
 from .data import iter_eval_batches
 from .device import StepTimer, autocast_dtype
@@ -38,7 +39,7 @@ def evaluate(model: MoELM, val_ids: torch.Tensor, cfg: TrainConfig, device: torc
     loads = prefix = None
     for x, y in iter_eval_batches(val_ids, cfg.eval_batch_size, cfg.context, max_batches):
         x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with bf16_matmuls(device, amp), autocast(device, amp):
             out = model(x, y)
         total_loss += out.lm_loss.item() * y.numel()
         total_tokens += y.numel()

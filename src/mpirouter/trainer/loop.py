@@ -45,6 +45,7 @@ from . import sharded_checkpoint
 from .checkpoint import TOKENIZER_FILE
 from .config import TrainConfig, check_resume_config, resolve_config
 from .data import TokenData, get_batch, prepare_data
+from ..core.precision import describe_bf16
 from .device import StepTimer, autocast_dtype, deterministic_algorithms, resolve_device, use_device
 from .evaluation import evaluate, router_cost_ms
 from .metrics import MetricsWriter, read_metrics
@@ -272,7 +273,8 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
         error = agree(ctx, error)  # nobody looks for the next checkpoint before it is set aside
         if error is not None:
             raise OSError(*error)
-    for note in notes:
+    bf16_note = describe_bf16(device, amp)
+    for note in notes + ([bf16_note] if bf16_note else []):
         say(note)
     if state is not None:
         torch.set_rng_state(state["torch_rng"])

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from ..core.model import MoELM, ModelOutput
+from ..core.precision import autocast, bf16_matmuls
 from ..core.moe import max_violation
 from ..core.routers import RowsPerStep
 from ..parallel.env import DistContext, all_reduce_sum
@@ -91,16 +92,17 @@ def train_step(
     if par is not None:
         return _parallel_train_step(par, forward, optimizer, batches, amp, grad_clip)
     n = len(batches)
-    device_type = batches[0][0].device.type
+    device = batches[0][0].device
     rows = model.router_rows() if n > 1 else None
     shared = RowsPerStep(rows, n) if rows is not None else None
     sums = None
-    for i, (x, y) in enumerate(batches):
-        with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = forward(x, y, router_rows=shared.for_micro_batch(i)) if shared is not None else forward(x, y)
-        (out.loss / n).backward()
-        scalars = micro_batch_scalars(out)
-        sums = scalars if sums is None else sums + scalars
+    with bf16_matmuls(device, amp):  # bf16 matmuls emulated on a CPU without bf16 kernels (core.precision)
+        for i, (x, y) in enumerate(batches):
+            with autocast(device, amp):
+                out = forward(x, y, router_rows=shared.for_micro_batch(i)) if shared is not None else forward(x, y)
+            (out.loss / n).backward()
+            scalars = micro_batch_scalars(out)
+            sums = scalars if sums is None else sums + scalars
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -111,11 +113,11 @@ def train_step(
 
 def _parallel_train_step(par: Parallelized, forward, optimizer, batches, amp, grad_clip: float) -> StepOutput:
     n = len(batches)
-    device_type = batches[0][0].device.type
+    device = batches[0][0].device
     sums, counts = None, []
     for i, (x, y) in enumerate(batches):
-        with par.micro_batch(last=i == n - 1):
-            with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+        with par.micro_batch(last=i == n - 1), bf16_matmuls(device, amp):
+            with autocast(device, amp):
                 out = forward(x, y)
             (out.loss / n).backward()
         scalars = micro_batch_scalars(out)
