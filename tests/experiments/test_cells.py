@@ -47,7 +47,7 @@ def test_each_router_pairs_bf16_with_fp32_over_the_seeds(grid):
         assert r["p"] == pytest.approx(paired_t_pvalue(diffs))
         assert r["step_ratio"] == pytest.approx(2.5)
     # Holm over the report's whole family: mpi vs linear in each of the two cells, and the two between-cell rows
-    assert summary["comparisons"]["n"] == 4 and "makes 4 paired comparisons" in text
+    assert summary["comparisons"]["n"] == 4 and "makes 4 paired comparisons (2 against linear, 2 between cells)" in text
     table = text.split("## Between cells")[1]
     assert "| precision=bf16 vs fp32 | `debug`/`adamw` | mpi C'=1 | 3 |" in table
     assert "2.50 [2.50–2.50]" in table

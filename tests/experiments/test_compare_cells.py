@@ -55,7 +55,7 @@ def test_each_cell_is_a_section_in_the_order_given_with_its_own_baseline(report)
     # variants both cells have (n_shared has one value: nothing to pair)
     assert [(r["label"], r["value"], r["baseline"]) for r in summary["between_cells"]] == [
         ("linear", "softmax", "sigmoid"), ("mpi C'=1", "softmax", "sigmoid")]
-    assert summary["comparisons"]["n"] == 5 and "makes 5 paired comparisons" in text
+    assert summary["comparisons"]["n"] == 5 and "makes 5 paired comparisons (3 against linear, 2 between cells)" in text
     assert (out / "debug-adamw-score_func_softmax-n_shared_0-val_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -495,9 +495,10 @@ def _section_header(c: dict, start: dict, lr: str | None = None) -> str:  # lr: 
             f"corpus {start.get('corpus', '?')}, device {start.get('device', '?')}")
 
 
-def multiplicity_line(n: int, significant: list[str], untested: int) -> str:
+def multiplicity_line(n: int, significant: list[str], untested: int, between: int = 0) -> str:
     """The report's opening statement of how many comparisons it makes and which survive Holm."""
-    text = (f"This report makes {n} paired comparisons against linear; 'significant' below means Holm-adjusted "
+    which = "against linear" if not between else f"({n - between} against linear, {between} between cells)"
+    text = (f"This report makes {n} paired comparisons {which}; 'significant' below means Holm-adjusted "
             f"p < {ALPHA:g} across all {n}. ")
     text += f"Significant ({MARK}): {'; '.join(significant)}." if significant else "No comparison is significant."
     if untested:
@@ -552,7 +553,7 @@ def write_report(out_dir: str | Path) -> Path:
     plots = [f"{sw['stem']}-lr_sweep.png" for sw in sweeps] + [f for sec in sections if sec["rows"] for f in section_plots(sec["stem"])]
     check_outputs_ours(out, [REPORT, REPORT_JSON, *(plots if pyplot() is not None else [])])
 
-    lines = [f"{REPORT_TITLE}`{out}`", "", multiplicity_line(n, significant, untested), ""]
+    lines = [f"{REPORT_TITLE}`{out}`", "", multiplicity_line(n, significant, untested, sum(1 for r in between if r["p"] is not None)), ""]
     for s in sessions:
         if not s.get("runs_trained", True):
             continue  # a call that found everything done
