@@ -213,6 +213,8 @@ def cmd_bench(args) -> int:
         if not path.parent.is_dir():
             raise FileNotFoundError(f"--json {path}: folder {path.parent} does not exist")
     if args.dist:
+        if args.step_presets is not None or args.torch_bf16_kernels or args.step_optimizer != "adamw":
+            raise ValueError("--step-presets, --torch-bf16-kernels and --step-optimizer belong to the one-process bench, not --dist")
         results = _bench_dist(args)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

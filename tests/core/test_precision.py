@@ -116,7 +116,7 @@ def test_a_bf16_model_step_equals_torch_kernels():
         model.zero_grad(set_to_none=True)
         with bf16_matmuls("cpu", emulate=emulate):
             with autocast("cpu", BF16):
-                loss = model(idx, idx).loss  # attention's CPU kernel included
+                loss = model(idx, idx).loss
             loss.backward()
         results[emulate] = (loss.detach(), [p.grad for p in model.parameters()])
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=2e-3)
@@ -136,7 +136,7 @@ def test_grouped_mm_in_bf16_is_emulated_too():
 
 
 def test_newton_schulz_runs_emulated_and_equals_torch_kernels(monkeypatch):
-    """The Muon optimizers' bf16 iteration enters the emulation itself (28x faster on a CPU without bf16 kernels)."""
+    """The Muon optimizers' bf16 iteration enters the emulation itself (13x faster on a CPU without bf16 kernels)."""
     torch.manual_seed(0)
     g = torch.randn(3, 24, 40)
     with _GemmDtypes() as spy:
@@ -162,3 +162,46 @@ def test_bf16_emulation_blocks_force_it_either_way_innermost_first():
             assert isinstance(bf16_matmuls("cpu"), contextlib.nullcontext)
         assert isinstance(bf16_matmuls("cpu", None), contextlib.nullcontext)  # float32: nothing to emulate
     assert isinstance(bf16_matmuls("cpu"), EmulateBF16Matmuls) is not NATIVE
+
+
+def test_attention_runs_torch_own_bf16_kernel():
+    """Not emulated: torch's bf16 attention rounds the softmax probabilities to bf16 before P·V, as GPU kernels do."""
+    torch.manual_seed(0)
+    q, k, v = (bf16(2, 4, 16, 8).requires_grad_() for _ in range(3))
+    with EmulateBF16Matmuls():
+        emulated = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(emulated, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_grouped_mm_out_dtype_and_bias_keywords():
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    torch.manual_seed(0)
+    x_MI, w_EIO, offs = bf16(24, 32), bf16(3, 32, 16), torch.tensor([8, 8, 24], dtype=torch.int32)
+    with EmulateBF16Matmuls():
+        emulated = torch._grouped_mm(x_MI, w_EIO, offs=offs, out_dtype=torch.bfloat16)
+    assert emulated.dtype == BF16
+    assert_like_torch(emulated, torch._grouped_mm(x_MI, w_EIO, offs=offs, out_dtype=torch.bfloat16))
+
+
+def test_an_out_tensor_of_another_shape_is_resized_as_torch_does():
+    torch.manual_seed(0)
+    a, b = bf16(5, 7), bf16(7, 3)
+    out = torch.empty(0, dtype=BF16)
+    with EmulateBF16Matmuls():
+        torch.mm(a, b, out=out)
+    assert out.shape == (5, 3)
+    assert_like_torch(out, torch.mm(a, b))
+
+
+@pytest.mark.parametrize("call", [lambda a, b: torch.mm(a, b.float()),
+                                  lambda a, b: torch.mm(a, b, out=torch.empty(a.shape[0], b.shape[1]))],
+                         ids=["mixed-operands", "float32-out"])
+def test_what_torch_refuses_is_refused_under_the_emulation_too(call):
+    """Mixed dtypes are not emulated: they reach torch's kernel and fail there as on a GPU, not silently pass on CPU."""
+    a, b = bf16(4, 6), bf16(6, 2)
+    with pytest.raises(RuntimeError) as native:
+        call(a, b)
+    with EmulateBF16Matmuls(), pytest.raises(RuntimeError) as emulated:
+        call(a, b)
+    assert type(emulated.value) is type(native.value)

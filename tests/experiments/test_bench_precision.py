@@ -28,6 +28,9 @@ def test_a_bf16_run_times_both_ceilings_and_the_step_in_both_precisions(capsys):
     out = capsys.readouterr().out
     assert "(fp32 mm 64^3: " in out and "Training step of preset 'debug' in fp32 and bf16" in out
     assert ("no bf16 matmul kernels" in out) is not NATIVE and "--step-presets debug --torch-bf16-kernels" in out
+    res = run_bench(["debug"], reps=1, repeat=1, router_preset="", device="cpu", precision="bf16", ceiling_n=64, hf=False,
+                    step_presets=[])
+    assert "step_precision" not in res and "--step-presets '' " in capsys.readouterr().out  # a command that reruns
 
 
 def test_the_torch_kernels_variant_turns_the_emulation_off(monkeypatch):
@@ -42,8 +45,10 @@ def test_the_torch_kernels_variant_turns_the_emulation_off(monkeypatch):
 def test_fp32_runs_have_no_precision_table_and_refuse_step_presets(capsys):
     res = run_bench(["debug"], reps=1, repeat=1, router_preset="", device="cpu", precision="fp32", ceiling_n=64, hf=False)
     assert "step_precision" not in res and "ceiling_fp32" not in res["shapes"]["debug"]
-    with pytest.raises(ValueError, match="pass --precision bf16"):
-        run_bench(["debug"], router_preset="", device="cpu", precision="fp32", step_presets=["debug"])
+    for flags in (dict(step_presets=["debug"]), dict(torch_bf16_kernels=True), dict(step_optimizer="muon")):
+        with pytest.raises(ValueError, match="pass --precision bf16"):
+            run_bench(["debug"], router_preset="", device="cpu", precision="fp32", **flags)
+    assert main(["bench", "--dist", "--torch-bf16-kernels"]) == 2 and "not --dist" in capsys.readouterr().err
     assert main(["bench", "--precision", "bf16", "--step-presets", "huge", "--shapes", "debug"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step preset 'huge' is not one of" in err[0]

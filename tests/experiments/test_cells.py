@@ -53,8 +53,24 @@ def test_each_router_pairs_bf16_with_fp32_over_the_seeds(grid):
     assert "2.50 [2.50–2.50]" in table
 
 
-def test_without_the_first_value_there_is_nothing_to_pair(grid):
-    from mpirouter.experiments.cells import summarize_between_cells
+def test_cells_pair_only_with_equal_configs_and_numeric_values_match_as_the_config_holds_them(tmp_path, monkeypatch):
+    """Two calls into one folder: weight_decay 0 and 1e-1 at 40 steps, and 1e-1 alone at 60 steps. The 60-step cell
+    has no 40-step partner (another signature), and "0"/"1e-1" typed on the command line pair with the config's 0.0/0.1."""
+    from mpirouter.experiments import report
 
-    sections = [{"preset": "debug", "optimizer": "adamw", "lr": 0.01, "cell": (("precision", "bf16"),), "runs": []}]
-    assert summarize_between_cells(sections, {"precision": ["fp32", "bf16"]}, str) == []
+    monkeypatch.setattr(report, "pyplot", lambda: None)
+    out = tmp_path / "wd"
+    for steps, wds in ((40, (0.0, 0.1)), (60, (0.1,))):
+        for wd in wds:
+            for router in ("linear", "mpi"):
+                for seed in (0, 1):
+                    run = write_run(out / f"s{steps}-wd{wd}", router, seed, [3.0, 2.0 + wd + 0.01 * seed], steps=steps)
+                    config = json.loads((run / "config.json").read_text())
+                    config["optim"]["weight_decay"] = wd
+                    (run / "config.json").write_text(json.dumps(config))
+    (out / "sessions").mkdir()
+    (out / "sessions" / "0001.json").write_text(json.dumps({"config": {"vary": {"optim.weight_decay": ["0", "1e-1"]}}}))
+    report.write_report(out)
+    rows = json.loads((out / "report.json").read_text())["between_cells"]
+    assert [(r["label"], r["value"], r["baseline"], r["diff_n"]) for r in rows] == [("linear", "0.1", "0.0", 2), ("mpi C'=1", "0.1", "0.0", 2)]
+    assert all(r["diff"][0] == pytest.approx(0.1) for r in rows)

@@ -8,11 +8,11 @@
 bf16 autocast runs matmuls with bf16 operands; a GPU (and a CPU with AVX512-BF16 or AMX, through
 oneDNN) multiplies them, accumulates in float32 and rounds the result to bf16. A CPU without those
 instructions (AVX2 only, e.g. the AMD EPYC Zen 3 these machines sometimes are) falls back to torch's
-reference kernels, which keep the numerics but are slow. Measured on such a machine (2 threads, torch
-2.13, docs/precision.md): `x @ W.T` 7x and `x @ W` 100x float32's time, a training step of the `tiny`
-preset 13x, a Muon optimizer step (bf16 Newton-Schulz, also in float32 runs) 28x.
+reference kernels, which keep the numerics but are slow: on such a machine (2 threads, torch 2.13,
+docs/precision.md) `x @ W` took up to 100x float32's time, a bf16 training step of the `tiny` preset
+about 15x, and a float32 step with the Muon optimizer (its Newton-Schulz iteration is bf16) 13x.
 
-`EmulateBF16Matmuls` computes those ops in float32 on the bf16 operands and rounds the result to bf16.
+`EmulateBF16Matmuls` computes those GEMMs in float32 on the bf16 operands and rounds the result to bf16.
 Products of bf16 numbers are exact in float32 and the bf16 kernels accumulate in float32, so the result
 is the same up to summation order (against torch's reference kernels: equal but for one bf16 rounding
 step in under 1% of the entries, tests/core/test_precision.py), at float32's speed plus the casts.
@@ -23,19 +23,17 @@ from __future__ import annotations
 import contextlib
 import functools
 from typing import Iterator
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
 _MATMULS = (aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten._grouped_mm)
-"""The GEMMs autocast and the MoE layers call (torch.mm(..., out=buffer) included: the loop dispatch's)."""
-_ROUNDED_OUTPUTS = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default: (0,),  # (out, logsumexp): logsumexp stays float32
-    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (0, 1, 2),  # (grad_q, grad_k, grad_v)
-}
-"""Attention's CPU kernels (ops whose bf16 path multiplies through the same reference GEMMs), and which of their
-outputs are bf16 in the kernel's own bf16 path."""
+"""The GEMMs autocast, the MoE layers and Muon call. Only their `default` and `out` overloads are emulated (the loop
+dispatch writes with torch.mm(..., out=buffer)); attention is not: torch's own bf16 attention kernel rounds the
+softmax probabilities to bf16 before multiplying by V, as GPU kernels do, which an emulation in float32 would not."""
+_EMULATED_OVERLOADS = ("default", "out")
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,23 +50,35 @@ def native_bf16_matmul(device: torch.device | str) -> bool:
     return torch.device(device).type != "cpu" or _cpu_has_bf16_kernels()
 
 
-def bf16_op_in_float32(func, args: tuple, kwargs: dict, rounded: tuple[int, ...] | None = None):
-    """`func(*args, **kwargs)` computed with its bf16 tensor arguments in float32, its result rounded to bf16.
+def _floats(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
-    `rounded`: which outputs of a tuple-returning op are bf16 (None: the single output); an `out=` tensor gets
-    the rounded result copied in, as the op itself would write it."""
-    up = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a for a in args)
-    kw = dict(kwargs)
-    out = kw.pop("out", None)
-    result = (func.overloadpacket.default if out is not None else func)(*up, **kw)
-    if rounded is None:
-        result = result.to(torch.bfloat16)
-        return out.copy_(result) if out is not None else result
-    return tuple(r.to(torch.bfloat16) if i in rounded else r for i, r in enumerate(result))
+
+def is_bf16_cpu_gemm(func, args: tuple, kwargs: dict) -> bool:
+    """Whether `func(*args, **kwargs)` is a GEMM that `EmulateBF16Matmuls` computes in float32: an emulated overload
+    whose floating tensors (operands, bias, `out`) are all bf16 on the CPU. Anything else (mixed dtypes included)
+    runs as it is, and fails where torch would."""
+    floats = _floats(args, kwargs)
+    return (func.overloadpacket in _MATMULS and func._overloadname in _EMULATED_OVERLOADS and bool(floats)
+            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in floats))
+
+
+def bf16_gemm_in_float32(func, args: tuple, kwargs: dict) -> torch.Tensor:
+    """`func(*args, **kwargs)`, a bf16 GEMM (`is_bf16_cpu_gemm`), computed with its bf16 tensors in float32 and the
+    result rounded to `out_dtype` (bf16 unless given); an `out=` tensor is resized if need be and gets the result."""
+    named = {**dict(zip((a.name for a in func._schema.arguments), args)), **kwargs}
+    out, out_dtype = named.pop("out", None), named.pop("out_dtype", None) or torch.bfloat16
+    up = {k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v for k, v in named.items()}
+    result = func.overloadpacket.default(**up).to(out_dtype)
+    if out is None:
+        return result
+    if out.shape != result.shape:
+        out.resize_(result.shape)
+    return out.copy_(result)
 
 
 class EmulateBF16Matmuls(TorchDispatchMode):
-    """While active: GEMMs (and CPU attention) that get a bf16 CPU tensor run through `bf16_op_in_float32`.
+    """While active: every bf16 GEMM on the CPU (`is_bf16_cpu_gemm`) runs through `bf16_gemm_in_float32`.
 
     A dispatch mode sits below autograd, so autograd saves the bf16 operands and the backward's matmuls come
     here too, exactly as a bf16 run saves and multiplies them on a GPU. Everything else runs as it is.
@@ -76,10 +86,8 @@ class EmulateBF16Matmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        matmul = func.overloadpacket in _MATMULS
-        if (matmul or func in _ROUNDED_OUTPUTS) and any(
-                isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 and a.device.type == "cpu" for a in args):
-            return bf16_op_in_float32(func, args, kwargs, None if matmul else _ROUNDED_OUTPUTS[func])
+        if is_bf16_cpu_gemm(func, args, kwargs):
+            return bf16_gemm_in_float32(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -119,6 +127,6 @@ def describe_bf16(device: torch.device | str, amp: torch.dtype | None) -> str | 
     """One sentence for a run's log when bf16 matmuls are emulated here; None otherwise."""
     if amp != torch.bfloat16 or native_bf16_matmul(device):
         return None
-    return ("bf16 on a CPU without bf16 matmul kernels (no AVX512-BF16/AMX): matmuls and attention run in float32 on the "
-            "bf16 operands and are rounded to bf16 (a bf16 GEMM's numerics at about float32's speed; precision=fp32 is "
-            "faster still here)")
+    return ("bf16 on a CPU without bf16 matmul kernels: matmuls run in float32 on the bf16 operands and are rounded to "
+            "bf16 (a bf16 GEMM's numerics, faster than torch's own kernels here but slower than precision=fp32; "
+            "compile=true does not compile under this emulation)")

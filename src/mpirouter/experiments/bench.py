@@ -25,7 +25,7 @@ FLOP/s (`moe_flops`) as a share of a square matmul timed in the same rotation: f
 bf16 8192³ on CUDA (where every variant runs under bf16 autocast and is timed with CUDA events).
 Under bf16 (any device) a float32 matmul of the same size is timed in the rotation too, and the
 table after the router share sets a training step in fp32 beside bf16 (`bench_precision`). On a CPU
-without bf16 kernels every bf16 matmul is emulated in float32 (`core.precision`), as in training.
+without bf16 kernels every bf16 GEMM is emulated in float32 (`core.precision`), as in training.
 """
 
 from __future__ import annotations
@@ -513,13 +513,13 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
             raise ValueError(f"step preset {p!r} is not one of {', '.join(PRESETS)}")
     if step_optimizer not in OPTIMIZERS:
         raise ValueError(f"step optimizer {step_optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if step_presets and amp is None:
-        raise ValueError("--step-presets compares fp32 with bf16: pass --precision bf16")
+    if (step_presets or torch_bf16_kernels or step_optimizer != "adamw") and amp is None:
+        raise ValueError("--step-presets, --torch-bf16-kernels and --step-optimizer compare fp32 with bf16: pass --precision bf16")
     use_device(dev)  # CUDA events and syncs act on the current device: with --device cuda:1, make it cuda:1
     env = environment(str(dev))
     preset_arg = router_preset or "''"
     command = (f"mpirouter bench --device {dev} --precision {precision} --shapes {','.join(shapes)} --reps {reps} "
-               f"--repeat {repeat} --router-preset {preset_arg}" + (f" --step-presets {','.join(step_presets)}" if amp else "")
+               f"--repeat {repeat} --router-preset {preset_arg}" + (f" --step-presets {','.join(step_presets) or chr(39) * 2}" if amp else "")
                + (" --torch-bf16-kernels" if torch_bf16_kernels else "") + (f" --step-optimizer {step_optimizer}" if amp else ""))
     printer(f"`{command}` · {describe(env)}")
     timing = "CUDA events" if dev.type == "cuda" else "wall clock"
@@ -527,8 +527,8 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
             f"rep by rep; ±: half that range / median; t/loop: time ÷ {BASELINE}'s, per repeat. "
             f"{'bf16 autocast' if amp else 'fp32'}, {timing}.")
     if amp is not None and not native_bf16_matmul(dev):
-        printer("This CPU has no bf16 matmul kernels (no AVX512-BF16/AMX): bf16 matmuls and attention are emulated in "
-                "float32 and rounded to bf16, as in training (core.precision).")
+        printer("This CPU has no bf16 matmul kernels (oneDNN's need AVX512/AMX): bf16 matmuls are emulated in float32 and "
+                "rounded to bf16, as in training (core.precision); attention runs torch's own bf16 kernel.")
     results: dict = {"env": env, "command": command, "device": str(dev), "precision": precision, "reps": reps, "repeat": repeat,
                      "shapes": {}}
     for name in shapes:

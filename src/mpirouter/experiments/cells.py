@@ -10,6 +10,7 @@ median step times. Each Δ loss is one comparison of the report's Holm family (r
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -17,9 +18,18 @@ from .stats import mean_std, paired_ci, paired_t_pvalue
 
 
 def _context(sec: dict, drop: int) -> tuple:
-    """What must be equal for two sections to be compared along the cell's key number `drop`."""
-    cell = sec["cell"]
-    return (sec["preset"], sec["optimizer"], sec["lr"], repr(sec.get("differs")), cell[:drop] + cell[drop + 1:])
+    """What must be equal for two sections to be compared along the cell's key number `drop`: everything but that
+    key's value (the config signature holds every field that is not a `--vary` key: steps, data, model, ...)."""
+    cell = tuple((k, _value(v)) for k, v in sec["cell"])
+    return (sec["preset"], sec["optimizer"], sec["lr"], repr(sec["signature"]), cell[:drop] + cell[drop + 1:])
+
+
+def _value(text: str):
+    """A `--vary` value as the config holds it, so "1e-1" on the command line pairs with the config's 0.1."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _finals(sec: dict) -> dict[tuple, dict[int, dict]]:
@@ -34,18 +44,19 @@ def _finals(sec: dict) -> dict[tuple, dict[int, dict]]:
 def summarize_between_cells(sections: list[dict], given: dict[str, list[str]], label) -> list[dict]:
     """One row per (key, value other than the key's first, context, variant present in both cells).
 
-    `sections`: the report's sections (with "runs", "cell", "preset", "optimizer", "lr"); `given`: `vary_values`;
+    `sections`: the report's sections (with "runs", "cell", "signature", "preset", "optimizer", "lr"); `given`: `vary_values`;
     `label(router, scale, target)`: the row's router label. "p_holm" stays None until `adjust_comparisons`."""
     first = {key.split(".")[-1]: values[0] for key, values in given.items() if values}
     rows = []
     for sec in sections:
         for i, (key, value) in enumerate(sec["cell"]):
-            base_value = first.get(key)
-            if base_value is None or value == base_value:
+            if key not in first or _value(value) == _value(first[key]):
                 continue
-            base = next((b for b in sections if _context(b, i) == _context(sec, i) and b["cell"][i] == (key, base_value)), None)
+            base = next((b for b in sections if _context(b, i) == _context(sec, i) and b["cell"][i][0] == key
+                         and _value(b["cell"][i][1]) == _value(first[key])), None)
             if base is None:
                 continue
+            base_value = base["cell"][i][1]
             mine, theirs = _finals(sec), _finals(base)
             for variant in sorted(set(mine) & set(theirs), key=repr):
                 seeds = sorted(set(mine[variant]) & set(theirs[variant]))

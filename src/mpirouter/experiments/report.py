@@ -340,7 +340,7 @@ NOTES = f"""\
 - Δ vs linear: per-seed paired difference of that final whole-split loss (router − linear, same seed =
   same init and data), mean with a 95% paired t-interval (mean ± t₀.₉₇₅,ₙ₋₁·sd/√n, not adjusted for
   multiplicity); negative = better than linear. p_Holm: the two-sided paired t-test's p-value,
-  Holm-adjusted over all N comparisons of this report (every section row and every sweep row, so a
+  Holm-adjusted over all N comparisons of this report (every section, sweep and between-cells row, so a
   comparison shown in both counts twice). {MARK} marks p_Holm < {ALPHA:g}: only those cells are significant; an
   interval that excludes 0 without {MARK} does not survive the adjustment. Single-seed and zero-variance
   cells have no test and are not counted.
@@ -540,7 +540,7 @@ def write_report(out_dir: str | Path) -> Path:
             check_no_duplicates(section, lambda r: variant_label(*r.variant))
             rows = summarize_section(section)
             where = f"`{preset}`/`{optim}`{title}" + (f", lr {lr:g}" if len(by_lr) > 1 else "")
-            sections.append({"preset": preset, "optimizer": optim, "cell": cell, **differs, "lr": lr, "rows": rows,
+            sections.append({"preset": preset, "optimizer": optim, "cell": cell, "signature": g.signature, **differs, "lr": lr, "rows": rows,
                              "runs": section, "multi_lr": len(by_lr) > 1, "title": title,
                              "stem": stem + (f"-lr{lr:g}" if len(by_lr) > 1 else "")})
             compared += [(f"{r['label']} ({where})", r) for r in rows if r["diff"] is not None]
