@@ -10,7 +10,7 @@ oneDNN) multiplies them, accumulates in float32 and rounds the result to bf16. A
 instructions (AVX2 only, e.g. the AMD EPYC Zen 3 these machines sometimes are) falls back to torch's
 reference kernels, which keep the numerics but are slow: on such a machine (2 threads, torch 2.13,
 docs/precision.md) `x @ W` took up to 100x float32's time, a bf16 training step of the `tiny` preset
-about 15x, and a float32 step with the Muon optimizer (its Newton-Schulz iteration is bf16) 13x.
+16x, and a float32 step with the Muon optimizer (its Newton-Schulz iteration is bf16) 13x.
 
 `EmulateBF16Matmuls` computes those GEMMs in float32 on the bf16 operands and rounds the result to bf16.
 Products of bf16 numbers are exact in float32 and the bf16 kernels accumulate in float32, so the result
