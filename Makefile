@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then train linear vs mpi routers on the embedded corpus and compare (~5 min, 2 CPU cores)
-#   make test   set up (with the torchtitan extra), then run the test suite
+#   make test   set up (with the torchtitan and megatron extras), then run the test suite
 # Set-up: a virtualenv in .venv that can see a torch you already have; torch==2.13.0 is
 # installed only when no torch is importable (an unpinned torch would pull a multi-GB CUDA build).
 # The dev extra is installed at the exact versions of constraints-test.txt (.ci/pin-constraints makes it),
@@ -14,6 +14,11 @@ TITAN_STAMP := $(VENV)/.mpirouter-titan-installed
 # torchdata/torch-checkpointing require torch: these go in --no-deps; importing torchtitan needs triton.
 TITAN_NO_DEPS := torchtitan==0.3.0 triton==3.9.0 torchdata==0.11.0 torch-checkpointing==0.1.1 spmd-types==0.2.3
 TITAN_DEPS := tyro==1.0.17 tensorboard==2.21.0 einops==0.8.2
+MEGATRON_STAMP := $(VENV)/.mpirouter-megatron-installed
+# The megatron extra, pinned for the tests: megatron-core 0.19.2 declares Python >= 3.12 but its megatron.core runs
+# on 3.11 (docs/megatron.md); its own dependencies (torch, numpy, packaging) are already installed; importing it
+# needs triton, as torchtitan does.
+MEGATRON_NO_DEPS := megatron-core==0.19.2 triton==3.9.0
 # glibc: keep big buffers mapped between steps (docs/performance.md); the CLI sets it itself too.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
@@ -32,10 +37,14 @@ $(TITAN_STAMP): $(STAMP) Makefile
 	$(PY) -m pip install --quiet $(TITAN_DEPS)
 	touch $@
 
+$(MEGATRON_STAMP): $(STAMP) Makefile
+	$(PY) -m pip install --quiet --no-deps --ignore-requires-python $(MEGATRON_NO_DEPS)
+	touch $@
+
 demo: setup
 	$(VENV)/bin/mpirouter demo
 
-test: setup $(TITAN_STAMP)
+test: setup $(TITAN_STAMP) $(MEGATRON_STAMP)
 	$(PY) -m pytest -q
 
 bench: setup

