@@ -2,9 +2,9 @@
 
 Megatron-Core assumes CUDA. Each function below works around one such assumption, names the line of
 megatron-core 0.19.2 it targets, and changes nothing else. `stub_triton_kernels()` must run before
-megatron.core is imported; `cpu_megatron()` applies the rest for the duration of a block (a test module),
-with Megatron's parallel state on a 1-process (or torchrun) gloo group, and undoes all of it after, so the
-other tests of the session see torch.cuda as it is.
+megatron.core is imported; `cpu_megatron()` applies the rest for the duration of a block (a test module,
+through the `megatron_on_cpu` fixture), with Megatron's parallel state on a 1-process (or torchrun) gloo group,
+and undoes all of it after, so the other tests of the session see torch.cuda as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import sys
 import types
 
+import pytest
 import torch
 
 
@@ -150,3 +151,18 @@ def cpu_megatron(expert_parallel: int = 1):
             dist.destroy_process_group()
         for owner, name, value in reversed(saved):
             setattr(owner, name, value)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_on_cpu():
+    """For a test module that imports it: `cpu_megatron()` around all its tests."""
+    with cpu_megatron():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_router_metrics():
+    """The routers' metric trackers are module globals sized by the first model that records: empty them per test."""
+    from mpirouter.integrations.megatron.tracking import ALIGN_TRACKER, MAXVIO_TRACKER
+
+    MAXVIO_TRACKER.metrics.clear(), ALIGN_TRACKER.metrics.clear()

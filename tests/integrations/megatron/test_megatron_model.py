@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("megatron", reason="the megatron extra is not installed (pip install 'mpirouter[megatron]')")
 
 import mcore_shims  # noqa: E402
+from mcore_shims import fresh_router_metrics, megatron_on_cpu  # noqa: E402,F401  (autouse fixtures)
 
 mcore_shims.stub_triton_kernels()
 
@@ -25,20 +26,6 @@ V, S, E = 64, 16, 4
 MASK = torch.triu(torch.ones(S, S, dtype=torch.bool), 1)[None, None]  # without one, GPTModel makes it on "cuda"
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cpu_megatron():
-    with mcore_shims.cpu_megatron():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def fresh_router_metrics():
-    """The routers' metric trackers are module globals sized by the first model that records: empty them per test."""
-    from mpirouter.integrations.megatron.tracking import ALIGN_TRACKER, MAXVIO_TRACKER
-
-    MAXVIO_TRACKER.metrics.clear(), ALIGN_TRACKER.metrics.clear()
 
 
 def config(**overrides) -> TransformerConfig:

@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("megatron", reason="the megatron extra is not installed (pip install 'mpirouter[megatron]')")
 
 import mcore_shims  # noqa: E402
+from mcore_shims import fresh_router_metrics, megatron_on_cpu  # noqa: E402,F401  (autouse fixtures)
 
 mcore_shims.stub_triton_kernels()
 
@@ -28,20 +29,6 @@ from mpirouter.integrations.megatron.rows import fc1_weights, target_rows  # noq
 E, D, F = 4, 32, 16
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 KINDS, TARGETS = ("mpi", "power", "retract", "linear"), ("gate", "up", "gate_up")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cpu_megatron():
-    with mcore_shims.cpu_megatron():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def fresh_router_metrics():
-    """The routers' metric trackers are module globals sized by the first model that records: empty them per test."""
-    from mpirouter.integrations.megatron.tracking import ALIGN_TRACKER, MAXVIO_TRACKER
-
-    MAXVIO_TRACKER.metrics.clear(), ALIGN_TRACKER.metrics.clear()
 
 
 def config(**overrides) -> TransformerConfig:
