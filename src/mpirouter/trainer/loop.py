@@ -36,6 +36,7 @@ from ..common import provenance
 from ..common.config import check_number, to_dict
 from ..common.files import atomic_write_text
 from ..core.model import MoELM
+from ..core.precision import describe_bf16
 from ..optim import build_optimizer
 from ..parallel.env import DistContext, agree, any_rank, init_distributed, rank_device
 from ..parallel.wrap import parallelize
@@ -45,7 +46,6 @@ from . import sharded_checkpoint
 from .checkpoint import TOKENIZER_FILE
 from .config import TrainConfig, check_resume_config, resolve_config
 from .data import TokenData, get_batch, prepare_data
-from ..core.precision import describe_bf16
 from .device import StepTimer, autocast_dtype, deterministic_algorithms, resolve_device, use_device
 from .evaluation import evaluate, router_cost_ms
 from .metrics import MetricsWriter, read_metrics

@@ -19,8 +19,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from ..core.model import MoELM, ModelOutput
-from ..core.precision import autocast, bf16_matmuls
 from ..core.moe import max_violation
+from ..core.precision import autocast, bf16_matmuls
 from ..core.routers import RowsPerStep
 from ..parallel.env import DistContext, all_reduce_sum
 from ..parallel.wrap import Parallelized
