@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpirouter.core import dispatch, moe
-from mpirouter.core.moe import choose_dispatch, grouped_mm_fallback_reason, resolve_dispatch
+from mpirouter.core import dispatch
+from mpirouter.core.dispatch import choose_dispatch, grouped_mm_fallback_reason, resolve_dispatch
 
 CUDA = torch.device("cuda")
 CAPABILITIES = [(8, 0), (9, 0), (10, 0), (12, 0)]  # A100, H100/H200, B200, RTX 50xx / RTX PRO 6000
@@ -74,8 +74,3 @@ def test_rows_not_a_multiple_of_16_bytes_still_take_the_loop_on_a_kernel_gpu(cap
     capability((9, 0))
     assert resolve_dispatch(Operand(64, 12, torch.bfloat16), Operand(32, 12, torch.bfloat16), "grouped_mm") == "loop"
 
-
-def test_core_moe_still_exports_the_dispatch_functions():
-    for name in ("choose_dispatch", "resolve_dispatch", "grouped_mm_fallback_reason", "Dispatch"):
-        assert getattr(moe, name) is getattr(dispatch, name)
-    assert {"choose_dispatch", "resolve_dispatch", "grouped_mm_fallback_reason"} <= set(moe.__all__)

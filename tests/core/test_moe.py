@@ -6,20 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpirouter.core.moe import (
-    MoE,
-    MoEConfig,
-    Routing,
-    grouped_linear,
-    load_balance_loss,
-    max_violation,
-    moe_forward_sorted,
-    naive_moe_reference,
-    route,
-    router_entropy,
-    router_z_loss,
-    tokens_per_expert,
-)
+from mpirouter.core.experts import grouped_linear, moe_forward_sorted, naive_moe_reference
+
+from mpirouter.core.moe import MoE, MoEConfig
+
+from mpirouter.core.routing import Routing, load_balance_loss, max_violation, route, router_entropy, router_z_loss, tokens_per_expert
 from mpirouter.core.routers import RouterConfig
 
 

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from mpirouter.core.model import MoELM, preset_config
-from mpirouter.core.moe import MoE, MoEConfig, expert_bias_update, load_balance_loss, naive_moe_reference, route
+from mpirouter.core.experts import naive_moe_reference
+from mpirouter.core.moe import MoE, MoEConfig
+from mpirouter.core.routing import expert_bias_update, load_balance_loss, route
 from mpirouter.core.routers import RouterConfig
 
 D, E, K, FH = 16, 6, 2, 8

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpirouter.core.model import MoELM, preset_config
-from mpirouter.core.moe import MoE, MoEConfig, grouped_linear
+from mpirouter.core.experts import grouped_linear
+from mpirouter.core.moe import MoE, MoEConfig
 from mpirouter.core.precision import EmulateBF16Matmuls, autocast, bf16_emulation, bf16_matmuls, describe_bf16, native_bf16_matmul
 from mpirouter.core.routers import RouterConfig
 from mpirouter.optim.muon import newton_schulz

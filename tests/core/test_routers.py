@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mpirouter.core.routers import (
-    ROUTER_KINDS,
+    MPI_FAMILY,
     MPIRouter,
     Router,
     RouterConfig,
@@ -179,7 +179,7 @@ def _router_and_weights(kind, target="gate", E=4, D=16, Fh=8, seed=0):
     return router, torch.randn(E, Fh, D), torch.randn(E, Fh, D)
 
 
-@pytest.mark.parametrize("kind", ROUTER_KINDS)
+@pytest.mark.parametrize("kind", MPI_FAMILY)
 def test_router_rows_follow_their_definition(kind):
     router, wg, wu = _router_and_weights(kind)
     R, C = router.weight.detach(), router.scale
@@ -223,7 +223,7 @@ def test_inplace_update_projects_rows_without_graph():
     assert torch.equal(lin.weight.detach(), w0)
 
 
-@pytest.mark.parametrize("kind", ROUTER_KINDS)
+@pytest.mark.parametrize("kind", MPI_FAMILY)
 def test_folded_router_gives_the_same_logits_at_linear_cost(kind):
     router, wg, wu = _router_and_weights(kind)
     folded = router.fold(wg, wu)
@@ -279,7 +279,7 @@ def test_mpi_router_needs_gate_weights():
         router(torch.randn(2, 8))
 
 
-@pytest.mark.parametrize("kind", ROUTER_KINDS)
+@pytest.mark.parametrize("kind", MPI_FAMILY)
 def test_router_stays_float32_under_bf16_autocast(kind):
     router, wg, wu = _router_and_weights(kind)
     x = torch.randn(6, 16)

@@ -23,7 +23,9 @@ import pytest
 import torch
 
 from mpirouter.core.model import MoELM, preset_config
-from mpirouter.core.moe import MoE, MoEConfig, choose_dispatch, grouped_linear
+from mpirouter.core.dispatch import choose_dispatch
+from mpirouter.core.experts import grouped_linear
+from mpirouter.core.moe import MoE, MoEConfig
 from mpirouter.core.precision import autocast, bf16_matmuls, native_bf16_matmul
 from mpirouter.core.routers import RouterConfig
 from mpirouter.optim import OptimConfig, build_optimizer

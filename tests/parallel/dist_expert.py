@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from mpirouter.core.model import ModelConfig, MoELM
 from mpirouter.core.moe import MoE, MoEConfig, MoEOutput, local_shard
-from mpirouter.core.routers import ROUTER_KINDS, RouterConfig, RowsPerStep
+from mpirouter.core.routers import MPI_FAMILY, RouterConfig, RowsPerStep
 from mpirouter.parallel.expert import EXPERT_PARAMS, dp_ep_mesh, expert_parameters, reduce_expert_grads, shard_experts
 
 D, E, B, S = 16, 4, 2, 5
@@ -248,7 +248,7 @@ def main(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     ep2, dp2 = dp_ep_mesh(2), dp_ep_mesh(1)  # (dp=1, ep=2) and (dp=2, ep=1)
     x_g, c_g = batch()
-    for kind in ROUTER_KINDS:
+    for kind in MPI_FAMILY:
         against_reference(f"ep2 {kind}", kind, ep2, x_g, c_g)
     against_reference("dp2 mpi", "mpi", dp2, x_g, c_g)
     x_skew = x_g.clone()

@@ -196,7 +196,7 @@ def test_unknown_optimizer_and_bad_train_config_fail_clearly(tmp_path, data):
 
 
 def test_bf16_autocast_runs_experts_in_bf16_and_trains(tmp_path, data):
-    from mpirouter.core.moe import grouped_linear
+    from mpirouter.core.experts import grouped_linear
 
     x, w = torch.randn(8, 16), torch.randn(2, 4, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -13,7 +13,9 @@ import torch
 from sync_proxy import SyncProxy
 
 from mpirouter.core.model import MoELM, preset_config
-from mpirouter.core.moe import MoEConfig, choose_dispatch, tokens_per_expert
+from mpirouter.core.dispatch import choose_dispatch
+from mpirouter.core.moe import MoEConfig
+from mpirouter.core.routing import tokens_per_expert
 from mpirouter.core.routers import RouterConfig, RowsPerStep
 from mpirouter.optim import OptimConfig
 from mpirouter.trainer.device import StepTimer

@@ -93,7 +93,7 @@ class ModelOutput(NamedTuple):
     lm_loss: torch.Tensor | None
     """Mean next-token cross-entropy."""
     aux_loss: torch.Tensor
-    """Sum over MoE layers of the (scaled) load-balancing losses."""
+    """Sum over MoE layers of the (scaled) load-balancing losses and the routers' own losses (ERC, SimBal, ReMoE's L1)."""
     z_loss: torch.Tensor
     """Sum over MoE layers of the (scaled) router z-losses."""
     moe_stats: list[MoEStats]
@@ -226,7 +226,8 @@ class MoELM(nn.Module):
                 stats.append(st)
         logits_BSV = self.head(self.norm(x))
         zero = logits_BSV.new_zeros((), dtype=torch.float32)
-        aux = sum((s.aux_loss for s in stats), zero)
+        # the routers' own losses (ERC, SimBal, ReMoE's L1) count as auxiliary losses beside the balance loss
+        aux = sum((s.aux_loss if s.router_loss is None else s.aux_loss + s.router_loss for s in stats), zero)
         z = sum((s.z_loss for s in stats), zero)
         if targets_BS is None:
             return ModelOutput(logits_BSV, None, None, aux, z, stats)

@@ -4,18 +4,18 @@ Shape legend (suffixes on tensor names):
     B  batch (sequences)          S  sequence length
     T  tokens = B * S             D  model width
     E  number of experts          F  expert hidden size
-    K  experts per token (top-k)  M  routed slots = T * K, sorted by expert
+    K  experts per token (top-k)  L  Autonomy-of-Experts' low rank
 
-Expert i computes y_i(x) = D_i (silu(G_i x) * (U_i x)) with
-    w_gate_EFD[i] = G_i,  w_up_EFD[i] = U_i  (nn.Linear layout: out x in),  w_down_EDF[i] = D_i.
+The layer holds the router (`core.routers`), the experts (`core.experts` computes them) and the
+balance state; the routing math is in `core.routing`. Beside the routed experts, `n_shared` always-on
+shared experts (DeepSeek-MoE) add one dense SwiGLU of width n_shared·F to every token's output. Scores
+are a softmax over the experts or an independent sigmoid per expert (DeepSeek-V3); balance comes from
+the auxiliary loss, from an aux-loss-free expert bias that acts on selection only and is updated after
+each optimizer step from the batch's load, or from both.
 
-Dispatch sorts the T*K routed slots by expert so each expert multiplies one contiguous
-block of rows (no Python loop over tokens, no capacity, no dropped tokens).
-
-Beside the routed experts, `n_shared` always-on shared experts (DeepSeek-MoE) add one dense SwiGLU of
-width n_shared·F to every token's output. Scores are a softmax over the experts or an independent sigmoid
-per expert (DeepSeek-V3); balance comes from the auxiliary loss, from an aux-loss-free expert bias that
-acts on selection only and is updated after each optimizer step from the batch's load, or from both.
+Router kinds beside MPI (docs/zoo.md): `aoe` factorizes the experts' gate projections (w_gate holds B_e,
+(E, F, L)); `remoe` routes each token to a variable number of experts; `kmeans` keeps centroids updated
+after each step; the ERC and SimBal losses add to `MoEStats.router_loss`.
 
 Expert parallelism plugs in through `MoE.ep` (an `ExpertSharding`, `parallel.expert.ExpertParallel`):
 then the expert stacks and R are DTensors sharded over the experts, the layer computes φ for its
@@ -26,28 +26,49 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol, get_args
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..common.config import check_number, from_dict, show_value
-from .dispatch import Dispatch, choose_dispatch, grouped_mm_fallback_reason, resolve_dispatch
-from .routers import Router, RouterConfig, alignment, select_target
-
-AuxScope = Literal["sequence", "batch", "global"]
-ScoreFunc = Literal["softmax", "sigmoid"]
-Balance = Literal["aux", "bias", "both"]
-
-SCORE_FUNCS: tuple[str, ...] = get_args(ScoreFunc)
-
-
-def check_score_func(score_func: object) -> None:
-    """Raise ValueError naming `score_func` and its choices unless it is one of `SCORE_FUNCS`."""
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(f"score_func must be one of {', '.join(SCORE_FUNCS)}, got {show_value(score_func)}")
+from .dispatch import Dispatch
+from .experts import SharedExperts, moe_forward_slots, moe_forward_sorted
+from .routers import (
+    ROW_KINDS,
+    UNFOLDABLE_WHY,
+    Router,
+    RouterConfig,
+    aoe_hidden,
+    aoe_low_rank,
+    alignment,
+    build_router,
+    erc_activation_norms,
+    erc_loss,
+    erc_noise_bound,
+    erc_proxies,
+    l1_coef_step,
+    relu_gates,
+    relu_slots,
+    remoe_l1,
+    select_target,
+    simbal_loss,
+    target_sparsity,
+)
+from .routing import (
+    AuxScope,
+    Balance,
+    Routing,
+    ScoreFunc,
+    check_score_func,
+    expert_bias_update,
+    load_balance_loss,
+    max_violation,
+    route,
+    router_entropy,
+    router_z_loss,
+)
 
 
 @dataclass
@@ -85,7 +106,7 @@ class MoEConfig:
     grouped_mm for bf16 on CUDA compute capability 9.x/10.x, else the loop). An explicit grouped_mm is refused
     on CUDA where torch would run its syncing fallback (fp32, fp16, other GPUs). SM 10.x: pytorch#172439."""
     router: RouterConfig = field(default_factory=RouterConfig)
-    """How the router rows are produced (linear, mpi, ...)."""
+    """The router: its kind (linear, mpi, ..., the coupling designs) and their settings."""
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
@@ -106,26 +127,27 @@ class MoEConfig:
             raise ValueError(f"aux_loss_scope must be 'sequence', 'batch' or 'global', got {self.aux_loss_scope!r}")
         if self.dispatch not in ("auto", "loop", "grouped_mm"):
             raise ValueError(f"dispatch must be auto, loop or grouped_mm, got {self.dispatch!r}")
+        if self.router.kind == "remoe" and self.balance != "aux":
+            raise ValueError(f"router kind 'remoe' balances through its load-weighted L1 penalty (balance='aux'); it has "
+                             f"no top-k for an expert bias to steer, got balance={self.balance!r}")
 
     @property
     def uses_aux_loss(self) -> bool:
-        return self.balance in ("aux", "both") and self.aux_loss_coef > 0
+        """The Switch balance loss is on (never for remoe, whose L1 penalty balances instead)."""
+        return self.balance in ("aux", "both") and self.aux_loss_coef > 0 and self.router.kind != "remoe"
 
     @property
     def uses_expert_bias(self) -> bool:
         return self.balance in ("bias", "both")
 
 
-class Routing(NamedTuple):
-    """Top-k routing decision for T tokens."""
-
-    probs_TE: torch.Tensor
-    """Each token's distribution over all experts, float32: the softmax, or the sigmoid scores normalized
-    to sum 1 (the P_i of the balance loss, as in DeepSeek-V3's sequence-wise loss)."""
-    weights_TK: torch.Tensor
-    """Combine weights of the chosen experts, float32."""
-    experts_TK: torch.Tensor
-    """Indices of the chosen experts."""
+def expert_shapes(dim: int, config: MoEConfig) -> tuple[int, int]:
+    """(hidden size F, gate projection input size) of the layer's experts: (hidden, D), or for Autonomy-of-Experts
+    (F', L) with F' widened so each expert keeps the 3·D·F parameters of an unfactorized one (`aoe.match_params`)."""
+    if config.router.kind != "aoe":
+        return config.hidden, dim
+    low = aoe_low_rank(dim, config.router.aoe.low_rank)
+    return (aoe_hidden(dim, config.hidden, low) if config.router.aoe.match_params else config.hidden), low
 
 
 @dataclass
@@ -142,246 +164,13 @@ class MoEStats:
     """Router z-loss, already multiplied by its coefficient."""
     entropy: torch.Tensor
     """Mean entropy (nats) of the router distribution over all experts."""
+    router_loss: torch.Tensor | None = None
+    """The router's own losses, already multiplied by their coefficients: ERC, SimBal, ReMoE's λ·L1 (None: none)."""
 
 
 class MoEOutput(NamedTuple):
     out: torch.Tensor
     stats: MoEStats
-
-
-# ----------------------------------------------------------------------------- pure functions
-
-
-def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = True, score_func: ScoreFunc = "softmax",
-          bias_E: torch.Tensor | None = None) -> Routing:
-    """Scores in float32, top-k, optional renormalization (docs/method.md, eqs. 2 and 11–12).
-
-    score_func="softmax": s = softmax(l) over all experts; "sigmoid": s_i = σ(l_i) per expert (DeepSeek-V3).
-    `bias_E` (aux-loss-free balancing): the experts are the top-k of s + b, their weights come from s
-    alone, so the bias steers selection and never the output's scale.
-    """
-    if not 1 <= top_k <= logits_TE.shape[-1]:  # plain comparison: this runs in every layer's forward
-        raise ValueError(f"top_k must be in [1, num_experts={logits_TE.shape[-1]}], got {top_k}")
-    check_score_func(score_func)  # a string compare, no tensor read
-    if score_func == "softmax":
-        scores_TE = torch.softmax(logits_TE.float(), dim=-1)
-    else:
-        scores_TE = torch.sigmoid(logits_TE.float())
-    if bias_E is None:
-        weights_TK, experts_TK = torch.topk(scores_TE, top_k, dim=-1)
-    else:
-        experts_TK = torch.topk(scores_TE + bias_E.float(), top_k, dim=-1).indices
-        weights_TK = scores_TE.gather(-1, experts_TK)
-    if renormalize:
-        # sigmoid weights can all underflow to 0: DeepSeek-V3's 1e-20 keeps the division finite
-        denom_T1 = weights_TK.sum(-1, keepdim=True)
-        weights_TK = weights_TK / (denom_T1 if score_func == "softmax" else denom_T1 + 1e-20)
-    probs_TE = scores_TE if score_func == "softmax" else scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
-    return Routing(probs_TE, weights_TK, experts_TK)
-
-
-def expert_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
-    """DeepSeek-V3's aux-loss-free bias step b_i ← b_i + u · sign(mean_j load_j − load_i) (docs/method.md, eq. 12).
-
-    Overloaded experts lose selection priority, underloaded ones gain it; an expert exactly at the
-    mean keeps its bias. `load_E`: routed slots per expert over the whole step's batch (all ranks).
-    """
-    load_E = load_E.to(bias_E.dtype)
-    return bias_E + rate * torch.sign(load_E.mean() - load_E)
-
-
-def tokens_per_expert(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Routed slots per expert, shape (E,), int64.
-
-    A scatter-add into a fixed (E,) buffer rather than `bincount`: bincount's output size depends
-    on the data, which on CUDA costs two host reads (its min and max) per call.
-    """
-    flat_M = experts_TK.reshape(-1)
-    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_M.device)
-    return counts_E.scatter_add_(0, flat_M, torch.ones_like(flat_M, dtype=torch.int64))
-
-
-def max_violation(load_E: torch.Tensor) -> torch.Tensor:
-    """MaxVio = (max_i load_i - mean load) / mean load (docs/method.md, eq. 8); 0 means perfectly even."""
-    load_E = load_E.float()
-    mean = load_E.mean()
-    return (load_E.max() - mean) / mean.clamp_min(1e-12)
-
-
-def load_balance_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor, coef: float, scope: AuxScope = "sequence",
-                      group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Switch-style balance loss coef · E · Σ_i f_i P_i (docs/method.md, eq. 7).
-
-    f_i: fraction of routed slots sent to expert i (no gradient); P_i: mean probability of
-    expert i. scope="sequence" computes both per sequence and averages over the batch, as the
-    reference code does; scope="batch" pools all tokens. Equals `coef` at perfectly even routing.
-
-    scope="global" (Megatron-Core's global aux loss): f_i from the expert counts summed over the
-    ranks of `group` (an all-reduce with no gradient; None: the default group), P_i this rank's
-    own mean. With equal token counts per rank the global P_i is the mean over ranks of the local
-    ones, so the mean over ranks of this loss is the "batch"-scope loss of the concatenated global
-    batch, and so is its gradient: the rank average that DDP applies to gradients is the gradient
-    of that mean. Without torch.distributed initialized it equals "batch". A collective: every
-    rank of the group must call it, even with no tokens (then its P_i and its loss are 0).
-    """
-    B, S, E = probs_BSE.shape
-    if scope == "global":
-        counts_E = tokens_per_expert(experts_BSK.reshape(-1), E)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts_E, group=group)  # int64: exact counts at any batch size
-        f_E = counts_E.float() / counts_E.sum().clamp_min(1)
-        p_E = probs_BSE.float().reshape(B * S, E).sum(0) / max(B * S, 1)
-        return coef * E * (f_E * p_E).sum()
-    if scope == "batch":
-        probs_BSE, experts_BSK = probs_BSE.reshape(1, B * S, E), experts_BSK.reshape(1, B * S, -1)
-    K = experts_BSK.shape[-1]
-    counts_BE = torch.zeros(probs_BSE.shape[0], E, device=probs_BSE.device, dtype=torch.float32)
-    counts_BE.scatter_add_(1, experts_BSK.flatten(1), torch.ones_like(experts_BSK.flatten(1), dtype=torch.float32))
-    f_BE = counts_BE / (experts_BSK.shape[1] * K)
-    p_BE = probs_BSE.float().mean(dim=1)
-    return coef * E * (f_BE * p_BE).sum(-1).mean()
-
-
-def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
-    """ST-MoE router z-loss coef · mean(logsumexp(l)²): keeps logits from drifting large."""
-    return coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
-
-
-def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
-    """Mean entropy in nats of the router distribution over all experts."""
-    return -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
-
-
-class _LoopGroupedLinear(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ W_eᵀ for contiguous row blocks, as one autograd node.
-
-    One node for all experts avoids what per-expert `W[e]` selects cost under autograd: each
-    select's backward materializes a zero gradient the size of the whole stack
-    (docs/performance.md). Here the weight gradient is written block by block.
-    """
-
-    @staticmethod
-    def forward(ctx, x_MI: torch.Tensor, w_EOI: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-        out_MO = x_MI.new_empty(x_MI.shape[0], w_EOI.shape[1])
-        for e in range(w_EOI.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                torch.mm(x_MI[lo:hi], w_EOI[e].t(), out=out_MO[lo:hi])
-        ctx.save_for_backward(x_MI, w_EOI)
-        ctx.bounds = bounds
-        return out_MO
-
-    @staticmethod
-    def backward(ctx, g_MO: torch.Tensor):
-        x_MI, w_EOI = ctx.saved_tensors
-        bounds = ctx.bounds
-        g_MO = g_MO.contiguous()
-        dx_MI = torch.empty_like(x_MI) if ctx.needs_input_grad[0] else None
-        dw_EOI = torch.empty_like(w_EOI) if ctx.needs_input_grad[1] else None
-        for e in range(w_EOI.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if dx_MI is not None and hi > lo:
-                torch.mm(g_MO[lo:hi], w_EOI[e], out=dx_MI[lo:hi])
-            if dw_EOI is not None:
-                if hi > lo:
-                    torch.mm(g_MO[lo:hi].t(), x_MI[lo:hi], out=dw_EOI[e])
-                else:
-                    dw_EOI[e].zero_()
-        return dx_MI, dw_EOI, None
-
-
-def expert_bounds(counts_E: torch.Tensor) -> list[int]:
-    """Row offsets [0, c0, c0+c1, ...] on the host: the loop path's one host read (and graph break) per layer."""
-    return [0] + torch.cumsum(counts_E, 0).tolist()
-
-
-def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, impl: Dispatch = "auto",
-                   bounds: list[int] | None = None) -> torch.Tensor:
-    """Per-expert linear map of expert-sorted rows: rows of expert e are multiplied by W_eᵀ.
-
-    `counts_E` gives how many consecutive rows belong to each expert. impl="grouped_mm" uses
-    `torch._grouped_mm` (one kernel on GPU); "loop" uses `_LoopGroupedLinear`; "auto" asks
-    `choose_dispatch` (see `resolve_dispatch`). `bounds`: `expert_bounds(counts_E)` when the
-    caller already has them (the loop path needs them on the host).
-    """
-    dev = x_MI.device.type
-    if torch.is_autocast_enabled(dev):
-        # custom Functions and _grouped_mm are not on autocast's op lists: cast like F.linear would
-        # (a no-op when the caller has cast already, as `moe_forward_sorted` does)
-        dt = torch.get_autocast_dtype(dev)
-        x_MI, w_EOI = x_MI.to(dt), w_EOI.to(dt)
-    impl = resolve_dispatch(x_MI, w_EOI, impl)
-    if impl == "grouped_mm":
-        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        return torch._grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=offsets_E)
-    return _LoopGroupedLinear.apply(x_MI, w_EOI, bounds if bounds is not None else expert_bounds(counts_E))
-
-
-def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors cast to the autocast dtype when autocast is on for their device, else as they are.
-
-    One cast of the routed rows (gate and up share it) and one per weight, not one per matmul;
-    callers cast the rows after gathering them, so the gather's backward still adds the K copies'
-    gradients in the input's precision.
-    """
-    dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) for t in tensors)
-
-
-def expert_ffn_sorted(x_MD: torch.Tensor, counts_E: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
-                      w_down_EDF: torch.Tensor, impl: Literal["loop", "grouped_mm"], bounds: list[int] | None) -> torch.Tensor:
-    """SwiGLU of every expert on its block of expert-sorted rows: D_e (silu(G_e x) * (U_e x)).
-
-    `impl` already resolved (`resolve_dispatch`); `bounds` = `expert_bounds(counts_E)` for the loop
-    path, computed by the caller so that its host read stays one per layer.
-    """
-    h_MF = F.silu(grouped_linear(x_MD, w_gate_EFD, counts_E, impl, bounds)) * grouped_linear(x_MD, w_up_EFD, counts_E, impl, bounds)
-    return grouped_linear(h_MF, w_down_EDF, counts_E, impl, bounds)
-
-
-def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
-    """inv with inv[order[i]] = i: `y.index_select(0, inv)` undoes `x.index_select(0, order)`."""
-    inverse_M = torch.empty_like(order_M)
-    inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
-    return inverse_M
-
-
-def combine_slots(y_MD: torch.Tensor, order_M: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over each token's K slots, from slot outputs in expert-sorted order `order_M`.
-
-    Gathers the slots back into (T, K) order with the inverse permutation rather than index_add,
-    so it is deterministic on GPU.
-    """
-    T, K = weights_TK.shape
-    y_TKD = y_MD.index_select(0, inverse_permutation(order_M)).view(T, K, y_MD.shape[-1])
-    return (y_TKD * weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
-
-
-def moe_forward_sorted(
-    x_TD: torch.Tensor,
-    routing: Routing,
-    w_gate_EFD: torch.Tensor,
-    w_up_EFD: torch.Tensor,
-    w_down_EDF: torch.Tensor,
-    impl: Dispatch = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dropless SwiGLU MoE: sort slots by expert, grouped matmuls, weighted combine.
-
-    Returns (out_TD, tokens_per_expert_E).
-    """
-    E = w_gate_EFD.shape[0]
-    K = routing.experts_TK.shape[1]
-    flat_experts_M = routing.experts_TK.reshape(-1)
-    order_M = torch.argsort(flat_experts_M, stable=True)
-    counts_E = tokens_per_expert(flat_experts_M, E)
-    x_MD, w_gate_EFD, w_up_EFD, w_down_EDF = autocast_operands(x_TD.index_select(0, order_M // K), w_gate_EFD, w_up_EFD, w_down_EDF)
-    impl = resolve_dispatch(x_MD, w_gate_EFD, impl)
-    bounds = expert_bounds(counts_E) if impl == "loop" else None
-    y_MD = expert_ffn_sorted(x_MD, counts_E, w_gate_EFD, w_up_EFD, w_down_EDF, impl, bounds)
-    return combine_slots(y_MD, order_M, routing.weights_TK), counts_E
 
 
 # ----------------------------------------------------------------------------- module
@@ -412,21 +201,8 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t if to_local is None else to_local()
 
 
-class SharedExperts(nn.Module):
-    """`n` always-on SwiGLU experts of hidden size F, stored as one SwiGLU of width n·F (the sum of the
-    n experts' outputs equals it with their weights concatenated, and it is one matmul, not n).
-
-    Shape suffix H = n·F. Replicated under expert parallelism, like a dense FFN.
-    """
-
-    def __init__(self, dim: int, n: int, hidden: int):
-        super().__init__()
-        self.w_gate = nn.Parameter(torch.empty(n * hidden, dim))
-        self.w_up = nn.Parameter(torch.empty(n * hidden, dim))
-        self.w_down = nn.Parameter(torch.empty(dim, n * hidden))
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x_TD, self.w_gate)) * F.linear(x_TD, self.w_up), self.w_down)
+def _rng_devices(t: torch.Tensor) -> list:
+    return [t.device] if t.device.type == "cuda" else []
 
 
 class MoE(nn.Module):
@@ -438,11 +214,13 @@ class MoE(nn.Module):
     `ep`: the expert-parallel plan (None: all experts here); set by `parallel.expert.shard_experts`,
     which also turns w_gate, w_up, w_down and router.weight into DTensors sharded over the experts.
     Under it every forward, `router_rows` and `alignment` are collectives of the EP group.
-    `balance_group`: the process group whose ranks the "global" balance loss and the expert-bias load
-    span (None: the default group, i.e. all ranks).
+    `balance_group`: the process group whose ranks the "global" balance loss, the expert-bias load and
+    the step statistics of `kmeans` and `remoe` span (None: the default group, i.e. all ranks).
 
-    With `config.uses_expert_bias` the layer holds `expert_bias` (E,), a float32 buffer saved with the
-    weights, and adds up the routed slots of every training forward until `post_step` updates the bias.
+    State kept in buffers (saved with the weights, so a resumed run continues exactly): `expert_bias` (E,)
+    with `config.uses_expert_bias`; the k-means centroids (`router.centroids`); ReMoE's L1 coefficient
+    `l1_coef`; the ERC noise's seed and step counter `erc_seed`, `erc_step`. Each training forward adds its
+    statistics (load, routed states, gate density) until `post_step` uses them.
     """
 
     ep: ExpertSharding | None
@@ -452,45 +230,107 @@ class MoE(nn.Module):
         super().__init__()
         check_number("dim", dim, integer=True, ge=1)
         self.dim, self.config = dim, config
-        E, Fh = config.num_experts, config.hidden
-        self.router = Router(dim, E, config.router)
-        self.w_gate = nn.Parameter(torch.empty(E, Fh, dim))
+        E = config.num_experts
+        Fh, gate_in = expert_shapes(dim, config)
+        if config.router.kind in ROW_KINDS:
+            self.router = build_router(dim, E, config.router)
+        else:
+            # built on a forked generator, then the draw `Router.__init__` makes: the stream stays a linear layer's
+            with torch.random.fork_rng(devices=[]):
+                self.router = build_router(dim, E, config.router)
+            torch.empty(E, dim).normal_()
+        self.w_gate = nn.Parameter(torch.empty(E, Fh, gate_in))
         self.w_up = nn.Parameter(torch.empty(E, Fh, dim))
         self.w_down = nn.Parameter(torch.empty(E, dim, Fh))
-        self.shared = SharedExperts(dim, config.n_shared, Fh) if config.n_shared > 0 else None
+        self.shared = SharedExperts(dim, config.n_shared, config.hidden) if config.n_shared > 0 else None
         if config.uses_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(E))
-        # a plain attribute, not a buffer: DDP broadcasts buffers from rank 0, and each rank's load is its own
+        kind = config.router.kind
+        if kind == "remoe":
+            self.register_buffer("l1_coef", torch.tensor(config.router.remoe.init_l1_coef, dtype=torch.float64))
+        if config.router.erc.enabled:
+            self.register_buffer("erc_seed", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("erc_step", torch.zeros((), dtype=torch.int64))
+            # (seed, step) as host ints, read from the buffers once after init or a load, then kept in step
+            self._erc_counter: list[int] | None = None
+            self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_erc_counter", None))
+        # plain attributes, not buffers: DDP broadcasts buffers from rank 0, and each rank's statistics are its own
         self._load_E: torch.Tensor | None = None
+        self._gates_2: torch.Tensor | None = None  # remoe: (active gates, all gates) of the step
         self.ep = None
         self.balance_group = None
         self.reset_parameters()
 
+    @property
+    def kind(self) -> str:
+        return self.config.router.kind
+
     def reset_parameters(self, out_std: float | None = None) -> None:
-        """Initialize the experts and the router (the model's `init_weights` calls this)."""
+        """Initialize the experts and the router (the model's `init_weights` calls this).
+
+        A layer draws from the global generator exactly what a linear-router layer of the same shape
+        draws; parameters a design adds or reshapes are drawn from a fork of the generator, so every other
+        parameter of the model starts as in the linear run of the same seed (paired comparisons).
+        """
+        down_std = 0.02 if out_std is None else out_std
+        E, D, F = self.config.num_experts, self.dim, self.config.hidden
+        own_experts = self.w_gate.shape == (E, F, D) and self.w_up.shape == (E, F, D)
+        own_router = isinstance(self.router, Router)
         # gate/up: 0.02 as in GPT-2/torchtitan; down is a residual output, scaled by the caller.
-        nn.init.normal_(self.w_gate, std=0.02)
-        nn.init.normal_(self.w_up, std=0.02)
-        nn.init.normal_(self.w_down, std=0.02 if out_std is None else out_std)
         # router rows: 0.02 (torchtitan); MPI variants only use the rows' directions.
-        nn.init.normal_(self.router.weight, std=0.02)
+        with torch.no_grad():
+            if own_experts:
+                nn.init.normal_(self.w_gate, std=0.02)
+                nn.init.normal_(self.w_up, std=0.02)
+                nn.init.normal_(self.w_down, std=down_std)
+            else:
+                for shape in ((E, F, D), (E, F, D), (E, D, F)):
+                    torch.empty(shape, device=self.w_up.device).normal_()
+            if own_router:
+                nn.init.normal_(self.router.weight, std=0.02)
+            else:
+                torch.empty(E, D, device=self.w_up.device).normal_()
+            with torch.random.fork_rng(devices=_rng_devices(self.w_up)):
+                self._reset_design(down_std, own_experts, own_router)
         if self.shared is not None:
             nn.init.normal_(self.shared.w_gate, std=0.02)
             nn.init.normal_(self.shared.w_up, std=0.02)
-            nn.init.normal_(self.shared.w_down, std=0.02 if out_std is None else out_std)
+            nn.init.normal_(self.shared.w_down, std=down_std)
         if self.config.uses_expert_bias:
             self.expert_bias.zero_()
-        self._load_E = None
-        self.post_step()
+        self._load_E = self._gates_2 = None
+        if own_router:
+            self.router.inplace_update(local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight))
+
+    @torch.no_grad()
+    def _reset_design(self, down_std: float, own_experts: bool, own_router: bool) -> None:
+        """The parameters and state a design adds to a linear-router layer (under a forked generator)."""
+        cfg = self.config.router
+        if not own_experts:
+            nn.init.normal_(self.w_gate, std=0.02)
+            nn.init.normal_(self.w_up, std=0.02)
+            nn.init.normal_(self.w_down, std=down_std)
+        if not own_router:
+            self.router.reset_parameters()
+        elif cfg.simbal.enabled and cfg.simbal.orthogonal_init:
+            nn.init.orthogonal_(self.router.weight)
+        if self.kind == "remoe":
+            self.l1_coef.fill_(cfg.remoe.init_l1_coef)
+        if cfg.erc.enabled:
+            self.erc_seed.fill_(int(torch.randint(0, 2**62, ())))
+            self.erc_step.zero_()
+            self._erc_counter = None
 
     def router_rows(self) -> torch.Tensor:
-        """The effective router rows φ (E, D), float32, with their graph to R and the experts.
+        """The effective router rows φ (E, D), float32, with their graph to R and the experts (rows-based kinds).
 
         Under expert parallelism each rank computes the rows of its local experts from its shards of
         R and G (φ_i needs only R_i and G_i) and all-gathers them; the gather's backward is a SUM
         reduce-scatter, so each G_i gets the router-path gradient of every rank's tokens.
         (`full_tensor()` on the expert stack instead would keep only this rank's.)
         """
+        if not isinstance(self.router, Router):
+            raise ValueError(f"router kind {self.kind!r} has no rows φ")
         if self.ep is None:
             return self.router.rows(self.w_gate, self.w_up)
         rows_LD = self.router.rows(local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight))
@@ -509,22 +349,32 @@ class MoE(nn.Module):
             raise ValueError(f"MoE expects x of shape (batch, seq, dim={self.dim}), got {tuple(x_BSD.shape)}")
         B, S, D = x_BSD.shape
         T = B * S
-        counting = cfg.uses_expert_bias and self.training and torch.is_grad_enabled()
+        training = self.training and torch.is_grad_enabled()
+        counting = cfg.uses_expert_bias and training
         if counting and self._load_E is None:
             # set before any early return: a rank without tokens still joins post_step's all-reduce
             self._load_E = torch.zeros(cfg.num_experts, dtype=torch.int64, device=x_BSD.device)
         if T == 0 and not self._needs_collectives():
             return self._empty_output(x_BSD) if rows_ED is None else self._empty_output_with_rows(x_BSD, rows_ED)
         x_TD = x_BSD.reshape(T, D)
-        if rows_ED is None:
+        rows = isinstance(self.router, Router)
+        if rows and rows_ED is None:
             rows_ED = self.router_rows()
-        logits_TE = self.router(x_TD, rows_ED=rows_ED)
-        routing = route(logits_TE, cfg.top_k, cfg.renormalize, cfg.score_func, self.expert_bias if cfg.uses_expert_bias else None)
-        if self.ep is None:
-            out_TD, counts_E = moe_forward_sorted(x_TD, routing, self.w_gate, self.w_up, self.w_down, cfg.dispatch)
+        logits_TE, cache_TEL = self._logits(x_TD, rows_ED)
+        router_loss = self._router_losses(rows_ED) if rows else None
+        if self.kind == "remoe":
+            out_TD, counts_E, probs_TE, l1 = self._relu_experts(x_TD, logits_TE, training)
+            router_loss = l1 if router_loss is None else router_loss + l1
         else:
-            experts = (local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.w_down))
-            out_TD, counts_E = self.ep.run_experts(x_TD, routing, *experts, cfg.dispatch)
+            routing = route(logits_TE, cfg.top_k, cfg.renormalize, cfg.score_func, self.expert_bias if cfg.uses_expert_bias else None)
+            probs_TE = routing.probs_TE
+            if self.ep is None:
+                out_TD, counts_E = moe_forward_sorted(x_TD, routing, self.w_gate, self.w_up, self.w_down, cfg.dispatch, cache_TEL)
+            else:
+                experts = (local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.w_down))
+                out_TD, counts_E = self.ep.run_experts(x_TD, routing, *experts, cfg.dispatch)
+            if self.kind == "kmeans" and training:
+                self.router.accumulate(x_TD, routing.experts_TK)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD).to(out_TD.dtype)
         if counting:
@@ -544,9 +394,59 @@ class MoE(nn.Module):
                 max_vio=max_violation(counts_E),
                 aux_loss=aux,
                 z_loss=z,
-                entropy=router_entropy(routing.probs_TE.detach()) if per_token else zero.detach().clone(),
+                entropy=router_entropy(probs_TE.detach()) if per_token else zero.detach().clone(),
+                router_loss=router_loss,
             )
         return MoEOutput(out_TD.view(B, S, D).to(x_BSD.dtype), stats)
+
+    def _logits(self, x_TD: torch.Tensor, rows_ED: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(router logits (T, E) float32, Autonomy-of-Experts' cache A_e x (T, E, L) or None)."""
+        if self.kind == "aoe":
+            return self.router.scores(x_TD)
+        return self.router(x_TD, rows_ED=rows_ED), None
+
+    def router_work(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """A scalar depending on everything the router computes for tokens `x_TD` (φ, the logits, its own
+        losses), to time forward + backward: the router's cost (`trainer.evaluation.router_cost_ms`)."""
+        rows_ED = self.router_rows() if isinstance(self.router, Router) else None
+        out = self._logits(x_TD, rows_ED)[0].sum()
+        extra = self._router_losses(rows_ED) if rows_ED is not None else None
+        return out if extra is None else out + extra
+
+    def _router_losses(self, rows_ED: torch.Tensor) -> torch.Tensor | None:
+        """ERC and SimBal, scaled by their coefficients (None when neither is on). They depend on the weights only."""
+        cfg = self.config.router
+        loss = None
+        if cfg.erc.enabled:
+            eps_E = cfg.erc.noise * erc_noise_bound(rows_ED)
+            proxies_ED = erc_proxies(rows_ED, eps_E, self._erc_uniform(rows_ED))
+            loss = cfg.erc.coef * erc_loss(erc_activation_norms(proxies_ED, self.w_gate), cfg.erc.margin)
+        if cfg.simbal.enabled:
+            term = cfg.simbal.coef * simbal_loss(self.router.weight)
+            loss = term if loss is None else loss + term
+        return loss
+
+    def _erc_uniform(self, like_ED: torch.Tensor) -> torch.Tensor:
+        """U(0, 1)^(E×D) for this optimizer step's proxies: a function of (erc_seed, erc_step), so every rank
+        and every micro-batch of a step draws the same noise, and a resumed run the noise it would have drawn."""
+        if self._erc_counter is None:
+            self._erc_counter = [int(self.erc_seed), int(self.erc_step)]  # host read once after init or load
+        seed, step = self._erc_counter
+        gen = torch.Generator(device=like_ED.device).manual_seed((seed + 1_000_003 * step) % 2**63)
+        return torch.rand(like_ED.shape, generator=gen, device=like_ED.device, dtype=torch.float32)
+
+    def _relu_experts(self, x_TD: torch.Tensor, logits_TE: torch.Tensor, training: bool):
+        """ReMoE: (out_TD, counts_E, probs_TE, λ·L1) with each token sent to the experts whose ReLU gate is positive."""
+        cfg = self.config
+        gates_TE = relu_gates(logits_TE)
+        tokens_M, experts_M, weights_M = relu_slots(gates_TE)
+        out_TD, counts_E = moe_forward_slots(x_TD, tokens_M, experts_M, weights_M, self.w_gate, self.w_up, self.w_down, cfg.dispatch)
+        if training:
+            seen = torch.stack([counts_E.sum(), counts_E.new_tensor(gates_TE.numel())]).detach()
+            self._gates_2 = seen if self._gates_2 is None else self._gates_2 + seen
+        l1 = self.l1_coef.float() * remoe_l1(gates_TE, counts_E, cfg.top_k, cfg.router.remoe.balance_refined)
+        probs_TE = gates_TE / (gates_TE.sum(-1, keepdim=True) + 1e-20)
+        return out_TD, counts_E, probs_TE, l1
 
     def _empty_output(self, x_BSD: torch.Tensor) -> MoEOutput:
         """No tokens: an empty output and zero stats (the losses' means over no tokens would be NaN)."""
@@ -567,29 +467,58 @@ class MoE(nn.Module):
         out, stats = self._empty_output(x_BSD)
         return MoEOutput(out + (rows_ED.sum() * 0).to(out.dtype), stats)
 
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t, group=self.balance_group)
+        return t
+
     @torch.no_grad()
     def post_step(self) -> None:
-        """Hook run after every optimizer step (and at init): the `mpi-inplace` router update, and the expert-bias update.
+        """Hook run after every optimizer step: the `mpi-inplace` router update, the expert-bias update, the
+        k-means centroids, ReMoE's L1 coefficient and the ERC noise's step.
 
         Under expert parallelism each rank updates its own rows of R from its own experts (no communication).
-        The bias update sums the step's load over the ranks of `balance_group` first (an all-reduce, so every
-        rank must call this after every step), which keeps every rank's bias identical.
+        The statistics are summed over the ranks of `balance_group` first (all-reduces, so every rank must call
+        this after every step), which keeps every rank's state identical.
         """
-        self.router.inplace_update(local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight))
+        kind = self.kind
+        if isinstance(self.router, Router):
+            self.router.inplace_update(local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight))
         if self.config.uses_expert_bias and self._load_E is not None:
-            load_E = self._load_E.clone()
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(load_E, group=self.balance_group)  # int64: exact
+            load_E = self._all_reduce(self._load_E.clone())  # int64: exact
             self.expert_bias.copy_(expert_bias_update(self.expert_bias, load_E, self.config.bias_update_rate))
             self._load_E = None
+        if kind == "kmeans":
+            self.router.post_step(self.balance_group)
+        if kind == "remoe":
+            seen = self._gates_2 if self._gates_2 is not None else torch.zeros(2, dtype=torch.int64, device=self.l1_coef.device)
+            if self._gates_2 is not None or (dist.is_available() and dist.is_initialized()):
+                seen = self._all_reduce(seen.clone())
+                sparsity = 1 - seen[0].double() / seen[1].double().clamp_min(1)
+                target = target_sparsity(self.config.num_experts, self.config.top_k)
+                new = l1_coef_step(self.l1_coef, sparsity, target, self.config.router.remoe.l1_update)
+                # no forward anywhere this step (seen[1] == 0): keep λ
+                self.l1_coef.copy_(torch.where(seen[1] > 0, new, self.l1_coef))
+            self._gates_2 = None
+        if self.config.router.erc.enabled:
+            self.erc_step.add_(1)
+            if self._erc_counter is not None:
+                self._erc_counter[1] += 1
 
     @torch.no_grad()
     def alignment(self) -> dict[str, torch.Tensor]:
         """|cos| of raw R and of the effective rows φ with each expert's top singular direction, shape (E,) each.
 
-        Under expert parallelism each rank scores its local experts and the scores are gathered:
-        a collective, every rank of the EP group must call it.
+        k-means scores its centroids (both entries); cosine and aoe have no rows in the experts' input
+        space and score NaN. Under expert parallelism each rank scores its local experts and the scores
+        are gathered: a collective, every rank of the EP group must call it.
         """
+        if self.kind == "kmeans":
+            score = alignment(self.router.centroids, self.w_gate)
+            return {"phi": score, "raw": score.clone()}
+        if not isinstance(self.router, Router):
+            nan_E = torch.full((self.config.num_experts,), float("nan"), device=self.w_up.device)
+            return {"phi": nan_E, "raw": nan_E.clone()}
         w_gate_LFD, w_up_LFD, r_LD = local_shard(self.w_gate), local_shard(self.w_up), local_shard(self.router.weight)
         mats = select_target(self.router.config.target, w_gate_LFD, w_up_LFD)
         scores = {"phi": alignment(self.router.rows(w_gate_LFD, w_up_LFD, r_LD), *mats), "raw": alignment(r_LD, *mats)}
@@ -599,68 +528,21 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def fold_router(self) -> None:
-        """Replace the router by a plain linear router with weight φ (zero inference overhead)."""
+        """Replace the router by a plain linear router with weight φ (zero inference overhead).
+
+        Refused (ValueError) for kinds that do not reduce to a linear router (`routers.UNFOLDABLE_WHY`).
+        """
+        if self.kind in UNFOLDABLE_WHY:
+            raise ValueError(f"cannot fold a {self.kind!r} router into a linear one: {UNFOLDABLE_WHY[self.kind]}")
         if self.ep is not None:
             raise RuntimeError("fold_router needs the full expert stacks: fold an unsharded copy of the model "
                                "(load its checkpoint without expert parallelism)")
         self.router = self.router.fold(self.w_gate, self.w_up)
         # a new config: the old one is shared with the other layers and the caller's ModelConfig
         self.config = dataclasses.replace(self.config, router=self.router.config)
+        for name in ("erc_seed", "erc_step"):  # training-only state of a loss the folded router no longer has
+            if name in self._buffers:
+                del self._buffers[name]
 
 
-def naive_moe_reference(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
-    """Per-expert loop in the HF-Mixtral style (index tokens of each expert, run its FFN).
-
-    A test reference on stacked weights; `mpirouter bench` times `bench.NaiveMoE` instead, which
-    holds one nn.Linear per expert like HF transformers 4.x (indexing a stacked Parameter per expert
-    under autograd would make the baseline artificially slow).
-    """
-    out_TD = torch.zeros_like(x_TD)
-    for e in range(w_gate_EFD.shape[0]):
-        tok_idx, slot_idx = torch.where(routing.experts_TK == e)
-        if tok_idx.numel() == 0:
-            continue
-        x_e = x_TD[tok_idx]
-        y_e = F.linear(F.silu(F.linear(x_e, w_gate_EFD[e])) * F.linear(x_e, w_up_EFD[e]), w_down_EDF[e])
-        out_TD = out_TD.index_add(0, tok_idx, y_e * routing.weights_TK[tok_idx, slot_idx, None].to(y_e.dtype))
-    return out_TD
-
-
-def moe_flops(tokens: int, top_k: int, dim: int, hidden: int, backward: bool = True) -> float:
-    """Matmul FLOPs of the expert FFNs: 2·3·T·K·D·F forward, ×3 with backward (docs/performance.md)."""
-    return (18.0 if backward else 6.0) * tokens * top_k * dim * hidden
-
-
-__all__ = [
-    "Balance",
-    "ExpertSharding",
-    "MoE",
-    "MoEConfig",
-    "MoEOutput",
-    "MoEStats",
-    "Routing",
-    "SCORE_FUNCS",
-    "ScoreFunc",
-    "SharedExperts",
-    "autocast_operands",
-    "check_score_func",
-    "choose_dispatch",
-    "combine_slots",
-    "expert_bias_update",
-    "expert_bounds",
-    "expert_ffn_sorted",
-    "grouped_linear",
-    "grouped_mm_fallback_reason",
-    "inverse_permutation",
-    "load_balance_loss",
-    "local_shard",
-    "max_violation",
-    "moe_flops",
-    "moe_forward_sorted",
-    "naive_moe_reference",
-    "resolve_dispatch",
-    "route",
-    "router_entropy",
-    "router_z_loss",
-    "tokens_per_expert",
-]
+__all__ = ["ExpertSharding", "MoE", "MoEConfig", "MoEOutput", "MoEStats", "expert_shapes", "local_shard"]

@@ -44,7 +44,10 @@ from torch.overrides import TorchFunctionMode
 from ..common.provenance import describe, environment
 from ..core.dispatch import grouped_mm_fallback_reason
 from ..core.model import PRESETS, MoELM, preset_config
-from ..core.moe import MoE, MoEConfig, choose_dispatch, moe_flops, route
+from ..core.dispatch import choose_dispatch
+from ..core.experts import moe_flops
+from ..core.moe import MoE, MoEConfig
+from ..core.routing import route
 from ..core.precision import autocast, bf16_matmuls, native_bf16_matmul
 from ..core.routers import RouterConfig
 from ..optim import OptimConfig, build_optimizer

@@ -41,7 +41,7 @@ from ..common.config import apply_overrides, check_number, flatten, to_dict
 from ..common.files import atomic_write_text
 from ..common.provenance import environment
 from ..core.model import preset_config
-from ..core.routers import POWER_TARGETS, ROUTER_KINDS, RouterConfig
+from ..core.routers import POWER_TARGETS, RouterConfig, parse_router_name, router_name_overrides
 from ..optim import OptimConfig
 from ..parallel.env import agree, init_distributed, rank_device
 from ..trainer.checkpoint import resolve_checkpoint
@@ -53,9 +53,10 @@ from ..trainer.metrics import read_metrics
 from ..trainer.rundir import RunLockedError, check_not_locked, is_run_folder
 from ..trainer.schedule import ScheduleConfig
 from .folders import SESSIONS, check_free_for_compare
-from .report import SCALE_FREE, TARGET_FREE, variant_label, write_report
+from .report import SCALE_FREE, TARGET_FREE, router_kind, variant_label, write_report
 
-GRID_KEYS = ("model.moe.router.kind", "model.moe.router.scale_prime", "model.moe.router.target", "optim.name", "optim.lr", "seed", "out_dir")
+GRID_KEYS = ("model.moe.router.kind", "model.moe.router.scale_prime", "model.moe.router.target", "model.moe.router.erc.enabled",
+             "model.moe.router.simbal.enabled", "optim.name", "optim.lr", "seed", "out_dir")
 """Config fields the grid sets itself; `overrides` may not touch them."""
 _UNCHECKED = {"out_dir", "progress", "device", "compile", "tensorboard", "model.vocab_size"}
 
@@ -65,7 +66,8 @@ class CompareConfig:
     """A grid of matched trainings: every router × seed × optimizer × C'."""
 
     routers: list[str] = field(default_factory=lambda: ["linear", "mpi"])
-    """Router kinds (linear, mpi, power, retract, mpi-inplace); linear is the paired baseline."""
+    """Router names: a kind (linear, mpi, power, retract, mpi-inplace, svd, cosine, kmeans, aoe, remoe), optionally
+    with router losses added, e.g. "linear+erc", "mpi+erc", "linear+simbal"; linear is the paired baseline."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds; runs with the same seed share initial weights and data order."""
     optimizers: list[str] = field(default_factory=lambda: ["adamw"])
@@ -112,9 +114,11 @@ class CompareConfig:
                 raise ValueError(f"compare: {name} must not be empty")
             if len(set(values)) != len(values):
                 raise ValueError(f"compare: {name} has duplicates: {values}")
-        bad = [r for r in self.routers if r not in ROUTER_KINDS]
-        if bad:
-            raise ValueError(f"compare: unknown router(s) {bad}; choose from {', '.join(ROUTER_KINDS)}")
+        for name in self.routers:
+            try:
+                parse_router_name(name)
+            except ValueError as e:
+                raise ValueError(f"compare: --routers: {e}") from None
         bad = [t for t in self.targets if t not in POWER_TARGETS]
         if bad:
             raise ValueError(f"compare: unknown power target(s) {bad}; choose from {', '.join(POWER_TARGETS)}")
@@ -182,12 +186,12 @@ def run_config(cfg: CompareConfig, router: str, seed: int, optimizer: str, scale
     if cell:
         opt_folder = f"{opt_folder}/{cell_name(cell)}"
     warmup = min(50, cfg.steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
-    base = TrainConfig(model=preset_config(cfg.preset, moe=dict(router=RouterConfig(kind=router))), preset=cfg.preset,
+    base = TrainConfig(model=preset_config(cfg.preset, moe=dict(router=RouterConfig(kind=parse_router_name(router)[0]))), preset=cfg.preset,
                        data=DataConfig(path=cfg.data, tokenizer=cfg.tokenizer), optim=OptimConfig(),
                        schedule=ScheduleConfig(warmup_steps=warmup), steps=cfg.steps,
                        batch_size=cfg.batch_size, eval_every=cfg.eval_every, eval_batches=cfg.eval_batches,
                        ckpt_every=cfg.ckpt_every or cfg.eval_every or max(1, cfg.steps // 10), ckpt_keep=1, progress=cfg.progress)
-    grid = [f"model.moe.router.kind={router}", f"optim.name={optimizer}", f"seed={seed}",
+    grid = [*router_name_overrides(router), f"optim.name={optimizer}", f"seed={seed}",
             f"out_dir={Path(cfg.out_dir) / cfg.preset / opt_folder / folder / f'seed{seed}'}"]
     if lr is not None:
         grid.append(f"optim.lr={lr!r}")
@@ -211,8 +215,8 @@ def grid_runs(cfg: CompareConfig) -> list[GridRun]:
             for lr in cfg.lrs or [None]:
                 for cell in grid_cells(cfg):
                     for router in cfg.routers:
-                        for scale in [None] if router in SCALE_FREE else cfg.scales:
-                            for target in [None] if router in TARGET_FREE else cfg.targets:
+                        for scale in [None] if router_kind(router) in SCALE_FREE else cfg.scales:
+                            for target in [None] if router_kind(router) in TARGET_FREE else cfg.targets:
                                 config = run_config(cfg, router, seed, optimizer, scale, lr, target, cell)
                                 runs.append(GridRun(router, seed, optimizer, scale, lr, config, target, cell))
     return runs
@@ -392,7 +396,7 @@ def _duration(seconds: float) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `mpirouter compare` flags (cli.py adds the subparser and calls `cli_main`)."""
     d = CompareConfig()
-    p.add_argument("--routers", default=_join(d.routers), help="comma-separated router kinds (linear is the baseline)")
+    p.add_argument("--routers", default=_join(d.routers), help="comma-separated router names: kinds, or kinds with router losses such as linear+erc (linear is the baseline)")
     p.add_argument("--seeds", default=_join(d.seeds), help="comma-separated seeds")
     p.add_argument("--optimizers", default=_join(d.optimizers), help="comma-separated optimizer names (optim.name)")
     p.add_argument("--scales", default=_join(d.scales), help="comma-separated MPI scales C'")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.moe import max_violation
+from ..core.routing import max_violation
 from ..core.routers import concat_rows, relative_gain, select_target
 from ..trainer.checkpoint import load_model
 from ..trainer.data import iter_eval_batches, prepare_data

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..common.files import atomic_write_text
 from ..common.provenance import describe, environment
-from ..core.routers import POWER_TARGETS, ROUTER_KINDS
+from ..core.routers import ADDONS, POWER_TARGETS, ROUTER_KINDS
 from ..trainer.metrics import read_metrics
 from ..trainer.rundir import is_moved_aside
 from .cells import NOTES as CELL_NOTES
@@ -33,10 +33,15 @@ from .plots import pyplot, save_figure
 from .sections import check_no_duplicates, differs_order, differs_stem, differs_text, group_runs
 from .stats import holm, mean_curve, mean_std, paired_ci, paired_t_pvalue, ratio_ci, tokens_to_target
 
-SCALE_FREE = ("linear", "power")
+SCALE_FREE = ("linear", "power", "cosine", "kmeans", "aoe", "remoe")
 """Router kinds that do not use C' (trained once per seed, whatever `scales` says)."""
-TARGET_FREE = ("linear", "retract")
+TARGET_FREE = ("linear", "retract", "cosine", "kmeans", "aoe", "remoe")
 """Router kinds that do not use a power target (trained once per seed, whatever `targets` says)."""
+
+
+def router_kind(name: str) -> str:
+    """The router kind of a run's router name ("mpi+erc" -> "mpi")."""
+    return name.split("+", 1)[0]
 ALPHA, MARK = 0.05, "†"
 """Family-wise level of the Holm adjustment, and the marker of Δ cells that survive it."""
 PREFIX_EVAL_SINCE = "recorded from commit c3002f6 on"
@@ -50,7 +55,8 @@ def variant_label(router: str, scale: float | None, target: str | None = None) -
 
 def variant_order(router: str, scale: float | None, target: str | None = None) -> tuple:
     """Sort key of report rows: router kinds in ROUTER_KINDS order (unknown ones last), then C', then the target."""
-    return (ROUTER_KINDS.index(router) if router in ROUTER_KINDS else len(ROUTER_KINDS), router, scale or 0.0,
+    kind = router_kind(router)
+    return (ROUTER_KINDS.index(kind) if kind in ROUTER_KINDS else len(ROUTER_KINDS), router, scale or 0.0,
             POWER_TARGETS.index(target) if target in POWER_TARGETS else -1)
 
 
@@ -122,15 +128,17 @@ class RunRecord:
 
     @property
     def router(self) -> str:
-        return self.config["model"]["moe"]["router"]["kind"]
+        """The router's name: its kind, with the router losses it adds ("mpi+erc")."""
+        r = self.config["model"]["moe"]["router"]
+        return r["kind"] + "".join(f"+{a}" for a in ADDONS if (r.get(a) or {}).get("enabled"))
 
     @property
     def scale(self) -> float | None:
-        return None if self.router in SCALE_FREE else float(self.config["model"]["moe"]["router"]["scale_prime"])
+        return None if router_kind(self.router) in SCALE_FREE else float(self.config["model"]["moe"]["router"]["scale_prime"])
 
     @property
     def target(self) -> str | None:
-        return None if self.router in TARGET_FREE else self.config["model"]["moe"]["router"].get("target", "gate")
+        return None if router_kind(self.router) in TARGET_FREE else self.config["model"]["moe"]["router"].get("target", "gate")
 
     @property
     def variant(self) -> tuple:
@@ -358,7 +366,8 @@ NOTES = f"""\
   validation-loss and MaxVio plots use the speed-up's curve estimator (their titles say which). align φ /
   align R: mean |cos| between each expert's effective router row φ (or raw R) and its gate matrix's top
   right-singular vector (a random direction gives ≈ √(2/(πd))); they depend on the weights only.
-- step ms: median training-step time; router ms: forward + backward of every layer's router rows, measured
+- step ms: median training-step time; router ms: forward + backward of every layer's router work for one step's
+  tokens (rows φ, logits, the router's own losses), measured
   in the same run; router overhead = router ms / step ms. Runs are sequential, so step-time ratios also
   carry machine-load noise."""
 

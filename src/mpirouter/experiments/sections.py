@@ -21,6 +21,7 @@ IGNORED = {"out_dir", "progress", "device", "compile", "tensorboard", "model.voc
            "log_every", "ckpt_every", "ckpt_keep",  # bookkeeping: no effect on the numbers
            "batch_size",  # per process; compared as the global batch instead
            "seed", "model.moe.router.kind", "model.moe.router.scale_prime", "model.moe.router.target",
+           "model.moe.router.erc.enabled", "model.moe.router.simbal.enabled",
            "preset", "optim.name", "optim.lr"}  # the grid's own axes: rows, pairs and section keys
 """Config fields that may differ between the runs of one section."""
 FIRST = ("steps", "global_batch", "data.path", "data.tokenizer")

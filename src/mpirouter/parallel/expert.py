@@ -41,18 +41,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from ..common.config import check_number
-from ..core.moe import (
-    Dispatch,
-    MoE,
-    Routing,
-    autocast_operands,
-    combine_slots,
-    expert_ffn_sorted,
-    inverse_permutation,
-    local_shard,
-    resolve_dispatch,
-    tokens_per_expert,
-)
+from ..core.dispatch import Dispatch, resolve_dispatch
+from ..core.experts import autocast_operands, combine_slots, expert_ffn_sorted, inverse_permutation
+from ..core.moe import MoE, local_shard
+from ..core.routers import MPI_FAMILY
+from ..core.routing import Routing, tokens_per_expert
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down", "router.weight")
 """The parameters of a MoE layer that expert parallelism shards (the rest stays with DDP/FSDP)."""
@@ -171,6 +164,11 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> ExpertParallel:
         if moe.ep is not None:
             raise ValueError(f"MoE layer {name or '(the model)'} is already expert-parallel")
         check_expert_split(moe.config.num_experts, ep_mesh.size())
+        router = moe.config.router
+        if router.kind not in MPI_FAMILY or router.addons:
+            name = router.kind + "".join(f"+{a}" for a in router.addons)
+            raise ValueError(f"expert parallelism serves the routers {', '.join(MPI_FAMILY)} without added losses; "
+                             f"router {name!r} needs every expert on each rank (train it with ep=1)")
     plan = ExpertParallel(ep_mesh, dp_group)
     for _, moe in layers:
         for owner, attr in ((moe, "w_gate"), (moe, "w_up"), (moe, "w_down"), (moe.router, "weight")):

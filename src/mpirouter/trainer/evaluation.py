@@ -13,7 +13,8 @@ from typing import Callable, ContextManager
 import torch
 
 from ..core.model import MoELM
-from ..core.moe import MoE, max_violation
+from ..core.moe import MoE
+from ..core.routing import max_violation
 from ..core.precision import autocast, bf16_matmuls
 from .config import TrainConfig
 from .data import iter_eval_batches
@@ -87,19 +88,23 @@ def alignment_summary(model: MoELM, whole: Callable[[MoE], ContextManager] | Non
     }
 
 
-def router_cost_ms(model: MoELM, reps: int = 10) -> float:
-    """Median ms of computing every layer's router rows φ forward + backward (the MPI overhead).
+def router_cost_ms(model: MoELM, tokens: int = 0, reps: int = 10) -> float:
+    """Median ms of every layer's router work forward + backward for `tokens` tokens (`MoE.router_work`):
+    the rows φ, the logits and the router's own losses (ERC, SimBal).
 
-    Independent of the token count: it streams the expert gate weights and writes their gradient.
+    With tokens=0 it is the token-independent part alone: computing φ, which streams the expert gate
+    weights and writes their gradient (the MPI overhead).
     """
     moes = model.moe_layers()
-    params = [p for m in moes for p in (m.router.weight, m.w_gate, m.w_up)]
-    timer = StepTimer(params[0].device)  # the same clock as the training step's (CUDA events on a GPU)
+    params = [p for m in moes for p in (*m.router.parameters(), m.w_gate, m.w_up) if p.requires_grad]
+    device = model.tok_emb.weight.device
+    x_TD = torch.randn(tokens, model.config.dim, generator=torch.Generator().manual_seed(0)).to(device)
+    timer = StepTimer(device)  # the same clock as the training step's (CUDA events on a GPU)
     for i in range(reps + 2):
         timer.start()
-        loss = sum(m.router.rows(m.w_gate, m.w_up).sum() for m in moes)
+        loss = sum(m.router_work(x_TD) for m in moes)
         if loss.requires_grad:
-            torch.autograd.grad(loss, [p for p in params if p.requires_grad], allow_unused=True)
+            torch.autograd.grad(loss, params, allow_unused=True)
         timer.stop()
         if i < 2:
             timer.read()  # warm-up

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from ..core.model import MoELM, ModelOutput
-from ..core.moe import max_violation
+from ..core.routing import max_violation
 from ..core.precision import autocast, bf16_matmuls
 from ..core.routers import RowsPerStep
 from ..parallel.env import DistContext, all_reduce_sum

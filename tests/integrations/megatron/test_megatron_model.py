@@ -107,7 +107,7 @@ def test_a_tiny_gpt_trains_with_megatron_ddp_and_finalize_model_grads():
 def test_router_metrics_are_recorded_per_layer_and_reported_like_megatron_moe_metrics():
     """MaxVio of each layer's routing map, accumulated on the device over micro-batches; alignments on request; the
     report averages over micro-batches (loss_scale) and layers, names them as Megatron names its MoE metrics, clears."""
-    from mpirouter.core.moe import max_violation
+    from mpirouter.core.routing import max_violation
     from mpirouter.core.routers import alignment
     from mpirouter.integrations.megatron import record_alignment, report_router_metrics
     from mpirouter.integrations.megatron.tracking import ALIGN_TRACKER, MAXVIO_TRACKER

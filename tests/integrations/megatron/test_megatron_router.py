@@ -236,7 +236,7 @@ def test_bf16_weights_give_the_float32_formula_within_bf16_rounding():
 
 
 def test_padding_tokens_are_left_out_of_maxvio():
-    from mpirouter.core.moe import max_violation
+    from mpirouter.core.routing import max_violation
     from mpirouter.integrations.megatron.tracking import MAXVIO_TRACKER, record_maxvio
 
     moe = build()

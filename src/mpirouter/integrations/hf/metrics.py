@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.moe import max_violation
+from ...core.routing import max_violation
 from ...core.routers import alignment
 from .state import _state
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...common.config import check_number, show_value
-from ...core.routers import POWER_TARGETS, ROUTER_KINDS, PowerTarget, RouterKind, mpi_rows, mpi_scale
+from ...core.routers import MPI_FAMILY, POWER_TARGETS, PowerTarget, RouterKind, mpi_rows, mpi_scale
 from .adapters import get_adapter
 from .parametrization import _RouterRows
 from .state import _STATE_ATTR, _find_layers, _find_state, _State, _state
@@ -86,8 +86,8 @@ def apply_mpi(
 
 def _check_arguments(variant: object, scale: object, auto: bool, target: object, aux_loss_coef: object) -> None:
     """`apply_mpi`'s arguments, each a one-line ValueError naming it and what it takes."""
-    if variant not in ROUTER_KINDS:
-        raise ValueError(f"variant must be one of {', '.join(ROUTER_KINDS)}, got {show_value(variant)}")
+    if variant not in MPI_FAMILY:
+        raise ValueError(f"variant must be one of {', '.join(MPI_FAMILY)}, got {show_value(variant)}")
     if target not in POWER_TARGETS:
         raise ValueError(f"target must be one of {', '.join(POWER_TARGETS)}, got {show_value(target)}")
     if not auto:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ...core.moe import max_violation, tokens_per_expert
+from ...core.routing import max_violation, tokens_per_expert
 from ...core.routers import select_target
 from .adapters import MoEAdapter, expert_matrices
 from .loss import _probs, load_balancing_loss

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 
-from ...core.moe import max_violation
+from ...core.routing import max_violation
 
 MAXVIO, ALIGN, ALIGN_RAW = "mpi_maxvio", "mpi_alignment", "mpi_alignment_raw"
 MAXVIO_TRACKER, ALIGN_TRACKER = MoEMetricsTracker(), MoEMetricsTracker()

@@ -24,7 +24,7 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.config import derive, override
 from torchtitan.tools.logging import logger
 
-from ...core.moe import max_violation
+from ...core.routing import max_violation
 from ...core.routers import alignment, router_rows
 from .gate import plain, whole, whole_experts
 from .moe import MPIMoE
