@@ -213,17 +213,20 @@ def cmd_bench(args) -> int:
         if not path.parent.is_dir():
             raise FileNotFoundError(f"--json {path}: folder {path.parent} does not exist")
     if args.dist:
-        if args.step_presets is not None or args.torch_bf16_kernels or args.step_optimizer != "adamw":
-            raise ValueError("--step-presets, --torch-bf16-kernels and --step-optimizer belong to the one-process bench, not --dist")
+        if args.step_presets is not None or args.torch_bf16_kernels or args.step_optimizer != "adamw" or args.designs:
+            raise ValueError("--step-presets, --torch-bf16-kernels, --step-optimizer and --designs belong to the one-process bench, not --dist")
         results = _bench_dist(args)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
-    shapes = [s.strip() for s in args.shapes.split(",")] if args.shapes is not None else None
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes is not None else None
     step_presets = [p.strip() for p in args.step_presets.split(",") if p.strip()] if args.step_presets is not None else None
+    from .experiments.bench_routers import DESIGNS
+
+    designs = list(DESIGNS) if args.designs.strip() == "all" else [d.strip() for d in args.designs.split(",") if d.strip()]
     results = run_bench(shapes, reps=args.reps, repeat=args.repeat, router_preset=args.router_preset, device=args.device,
                         precision=args.precision, step_presets=step_presets, torch_bf16_kernels=args.torch_bf16_kernels,
-                        step_optimizer=args.step_optimizer)
+                        step_optimizer=args.step_optimizer, designs=designs, designs_preset=args.designs_preset)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -373,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = add("bench", cmd_bench, "MoE layer and router speed, side by side")
     b.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     b.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    b.add_argument("--shapes", default=None, help="comma-separated layer shapes; None: tiny,small,fine (and large on CUDA)")
+    b.add_argument("--shapes", default=None, help="comma-separated layer shapes; None: tiny,small,fine (and large on CUDA); '' skips the layer tables")
     b.add_argument("--reps", type=int, default=5, help="timed reps per repeat, interleaved across variants (their median is the repeat's figure)")
     b.add_argument("--repeat", type=int, default=3, help="whole measurements, round-robin over variants; median and min-max over them reported")
     b.add_argument("--router-preset", default=None, help="model preset for the router-share measurement; None: large on CUDA, tiny on CPU; '' skips it")
@@ -382,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torch-bf16-kernels", action="store_true", help="that table also times torch's own bf16 kernels where this "
                    "CPU has none of its own (the matmuls are emulated in float32 otherwise; slow: small presets only)")
     b.add_argument("--step-optimizer", default="adamw", help="optimizer of that table (optim.name)")
+    b.add_argument("--designs", default="", help="router designs timed side by side (training step and router work): "
+                   "comma-separated names such as linear,mpi,mpi+erc,cosine, or 'all' (experiments/bench_routers.py); '' skips it")
+    b.add_argument("--designs-preset", default=None, help="model preset of the designs table; None: tiny on CPU, large on CUDA")
     b.add_argument("--json", default=None, help="also write the numbers to this file")
     b.add_argument("--dist", action="store_true", help="instead: the trainer's step, 1 process vs DDP/FSDP2 under torchrun "
                    "(experiments/bench_dist.py)")

@@ -20,7 +20,7 @@ Rows per shape (forward + backward of one MoE layer, router included):
                        built with from_config (its default experts implementation) and holding the same weights
     naive              HF-Mixtral-4.x-style loop over experts, one nn.Linear per expert matrix
     dense              a dense SwiGLU over T*K rows (same matmul FLOPs, no routing)
-"= auto" marks the path dispatch="auto" takes here (`core.moe.choose_dispatch`). "% ceil" is achieved
+"= auto" marks the path dispatch="auto" takes here (`core.dispatch.choose_dispatch`). "% ceil" is achieved
 FLOP/s (`moe_flops`) as a share of a square matmul timed in the same rotation: fp32 2048³ on CPU,
 bf16 8192³ on CUDA (where every variant runs under bf16 autocast and is timed with CUDA events).
 Under bf16 (any device) a float32 matmul of the same size is timed in the rotation too, and the
@@ -49,13 +49,14 @@ from ..core.experts import moe_flops
 from ..core.moe import MoE, MoEConfig
 from ..core.routing import route
 from ..core.precision import autocast, bf16_matmuls, native_bf16_matmul
-from ..core.routers import RouterConfig
+from ..core.routers import RouterConfig, parse_router_name
 from ..optim import OptimConfig, build_optimizer
 from ..optim.config import OPTIMIZERS
 from ..trainer.device import StepTimer, autocast_dtype, resolve_device, use_device
 from ..trainer.evaluation import router_cost_ms
 from ..trainer.step import train_step
 from .bench_precision import DEFAULT_STEP_PRESETS, bench_step_precision
+from .bench_routers import bench_router_designs, print_router_designs
 from .timing import free_memory, is_out_of_memory, one_line, skip_reason, time_interleaved, warm_up
 
 
@@ -489,12 +490,15 @@ def print_layer_table(name: str, r: dict, printer=print) -> None:
 
 def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, router_preset: str | None = None,
               device: str = "auto", precision: str = "auto", ceiling_n: int | None = None, hf: bool = True, printer=print,
-              step_presets: list[str] | None = None, torch_bf16_kernels: bool = False, step_optimizer: str = "adamw") -> dict:
+              step_presets: list[str] | None = None, torch_bf16_kernels: bool = False, step_optimizer: str = "adamw",
+              designs: list[str] | None = None, designs_preset: str | None = None) -> dict:
     """Run the benchmark, print the tables, return the numbers.
 
     shapes None: DEFAULT_SHAPES of the device; router_preset None: DEFAULT_ROUTER_PRESET of the device,
     "" skips the training-step measurement. step_presets (bf16 only): the fp32-vs-bf16 step table
-    (`bench_precision`), None: its DEFAULT_STEP_PRESETS. ValueError for bad arguments (before anything is timed).
+    (`bench_precision`), None: its DEFAULT_STEP_PRESETS. designs: router names for the designs table
+    (`bench_routers`; None or empty: skipped) at `designs_preset` (None: the router preset's default).
+    ValueError for bad arguments (before anything is timed).
     """
     dev = resolve_device(device)
     if precision not in ("auto", "bf16", "fp32"):
@@ -518,12 +522,19 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
         raise ValueError(f"step optimizer {step_optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if (step_presets or torch_bf16_kernels or step_optimizer != "adamw") and amp is None:
         raise ValueError("--step-presets, --torch-bf16-kernels and --step-optimizer compare fp32 with bf16: pass --precision bf16")
+    designs = list(designs or [])
+    for name in designs:
+        parse_router_name(name)
+    designs_preset = designs_preset or DEFAULT_ROUTER_PRESET[dev.type]
+    if designs and designs_preset not in PRESETS:
+        raise ValueError(f"designs preset {designs_preset!r} is not one of {', '.join(PRESETS)}")
     use_device(dev)  # CUDA events and syncs act on the current device: with --device cuda:1, make it cuda:1
     env = environment(str(dev))
     preset_arg = router_preset or "''"
     command = (f"mpirouter bench --device {dev} --precision {precision} --shapes {','.join(shapes)} --reps {reps} "
                f"--repeat {repeat} --router-preset {preset_arg}" + (f" --step-presets {','.join(step_presets) or chr(39) * 2}" if amp else "")
-               + (" --torch-bf16-kernels" if torch_bf16_kernels else "") + (f" --step-optimizer {step_optimizer}" if amp else ""))
+               + (" --torch-bf16-kernels" if torch_bf16_kernels else "") + (f" --step-optimizer {step_optimizer}" if amp else "")
+               + (f" --designs {','.join(designs)} --designs-preset {designs_preset}" if designs else ""))
     printer(f"`{command}` · {describe(env)}")
     timing = "CUDA events" if dev.type == "cuda" else "wall clock"
     printer(f"Figures: median [min–max] over {repeat} repeat(s) of each repeat's median of {reps} rep(s), variants interleaved "
@@ -545,6 +556,9 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
         r = bench_step_precision(preset, reps, repeat, dev, torch_bf16_kernels, step_optimizer)
         results.setdefault("step_precision", {})[preset] = r
         print_step_precision(r, printer)
+    if designs:
+        results["designs"] = bench_router_designs(designs_preset, designs, reps, repeat, dev, amp)
+        print_router_designs(results["designs"], printer)
     return results
 
 

@@ -31,6 +31,8 @@ from .cells import format_between_cells, summarize_between_cells
 from .folders import GRID_FILE, REPORT, REPORT_JSON, REPORT_TITLE, SESSIONS, check_outputs_ours
 from .plots import pyplot, save_figure
 from .sections import check_no_duplicates, differs_order, differs_stem, differs_text, group_runs
+from .versus import NOTES as VERSUS_NOTES
+from .versus import format_versus, summarize_versus
 from .stats import holm, mean_curve, mean_std, paired_ci, paired_t_pvalue, ratio_ci, tokens_to_target
 
 SCALE_FREE = ("linear", "power", "cosine", "kmeans", "aoe", "remoe")
@@ -284,6 +286,19 @@ def summarize_section(runs: list[RunRecord]) -> list[dict]:
     return rows
 
 
+def tuned_lrs(by_lr: dict) -> dict[tuple, float] | None:
+    """{variant: lr} when the runs of a group were trained at several lrs but each variant at one only (each
+    router at its tuned lr, e.g. after a sweep); None otherwise (one lr, or an lr sweep)."""
+    if len(by_lr) < 2:
+        return None
+    lr_of: dict[tuple, float] = {}
+    for lr, runs in by_lr.items():
+        for r in runs:
+            if lr_of.setdefault(r.variant, lr) != lr:
+                return None
+    return lr_of
+
+
 def adjust_comparisons(rows: list[dict]) -> int:
     """Holm-adjust the "p" of all `rows` together, in place ("p_holm"); returns how many comparisons that is.
 
@@ -335,7 +350,7 @@ def format_rows(rows: list[dict]) -> str:
     f = lambda x, spec: "–" if x is None else format(x, spec)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r["label"], str(len(r["seeds"])), f"{r['val_loss'][0]:.4f} ± {r['val_loss'][1]:.4f}", _diff_cell(r),
+        cells = [r["label"] + (f" @ lr {r['lr']:g}" if r.get("lr") else ""), str(len(r["seeds"])), f"{r['val_loss'][0]:.4f} ± {r['val_loss'][1]:.4f}", _diff_cell(r),
                  _speedup_cell(r), f"{r['maxvio'][0]:.3f} ± {r['maxvio'][1]:.3f}", f"{r['align'][0]:.3f}", f"{r['align_raw'][0]:.3f}",
                  f(r["step_ms"], ".1f"), f(r["step_vs_linear"], ".3f"), f(r["router_ms"], ".3f"), f(r["overhead"], ".2%")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -504,9 +519,10 @@ def _section_header(c: dict, start: dict, lr: str | None = None) -> str:  # lr: 
             f"corpus {start.get('corpus', '?')}, device {start.get('device', '?')}")
 
 
-def multiplicity_line(n: int, significant: list[str], untested: int, between: int = 0) -> str:
+def multiplicity_line(n: int, significant: list[str], untested: int, between: int = 0, versus: int = 0) -> str:
     """The report's opening statement of how many comparisons it makes and which survive Holm."""
-    which = "against linear" if not between else f"({n - between} against linear, {between} between cells)"
+    parts = [f"{n - between - versus} against linear"] + [f"{between} between cells"] * bool(between) + [f"{versus} against mpi"] * bool(versus)
+    which = "against linear" if len(parts) == 1 else f"({', '.join(parts)})"
     text = (f"This report makes {n} paired comparisons {which}; 'significant' below means Holm-adjusted "
             f"p < {ALPHA:g} across all {n}. ")
     text += f"Significant ({MARK}): {'; '.join(significant)}." if significant else "No comparison is significant."
@@ -535,6 +551,9 @@ def write_report(out_dir: str | Path) -> Path:
     sweeps, sections, compared = [], [], []
     for g in groups:
         preset, optim, cell, by_lr = g.preset, g.optimizer, g.cell, g.by_lr
+        tuned = tuned_lrs(by_lr)
+        if tuned:  # each router at its own lr: one section, paired across lrs
+            by_lr = {None: [r for runs_at_lr in by_lr.values() for r in runs_at_lr]}
         title = "".join(f", {t}" for t in (cell_text(cell), differs_text(g.differs)) if t)  # what sets the group apart
         stem = "-".join([_stem(preset, optim, cell), *([differs_stem(g.differs)] if g.differs else [])])
         differs = {"differs": {k: json.loads(v) for k, v in g.differs}} if g.differs else {}
@@ -548,13 +567,18 @@ def write_report(out_dir: str | Path) -> Path:
         for lr, section in sorted(by_lr.items(), key=lambda kv: kv[0] or 0.0):
             check_no_duplicates(section, lambda r: variant_label(*r.variant))
             rows = summarize_section(section)
+            for row in rows if tuned else []:
+                row["lr"] = tuned[(row["router"], row["scale"], row["target"])]
             where = f"`{preset}`/`{optim}`{title}" + (f", lr {lr:g}" if len(by_lr) > 1 else "")
             sections.append({"preset": preset, "optimizer": optim, "cell": cell, "signature": g.signature, **differs, "lr": lr, "rows": rows,
+                             "tuned": bool(tuned),
                              "runs": section, "multi_lr": len(by_lr) > 1, "title": title,
                              "stem": stem + (f"-lr{lr:g}" if len(by_lr) > 1 else "")})
             compared += [(f"{r['label']} ({where})", r) for r in rows if r["diff"] is not None]
     between = summarize_between_cells(sections, given, variant_label)
     compared += [(f"{r['label']} {r['key']}={r['value']} vs {r['baseline']} ({r['where']})", r) for r in between]
+    versus = summarize_versus(sections, variant_label)
+    compared += [(f"{r['label']} vs {r['reference']} ({r['where']})", r) for r in versus]
     n = adjust_comparisons([row for _, row in compared])
     significant = [name for name, row in compared if row["p_holm"] is not None and row["p_holm"] < ALPHA]
     untested = sum(1 for _, row in compared if row["p"] is None)
@@ -562,7 +586,8 @@ def write_report(out_dir: str | Path) -> Path:
     plots = [f"{sw['stem']}-lr_sweep.png" for sw in sweeps] + [f for sec in sections if sec["rows"] for f in section_plots(sec["stem"])]
     check_outputs_ours(out, [REPORT, REPORT_JSON, *(plots if pyplot() is not None else [])])
 
-    lines = [f"{REPORT_TITLE}`{out}`", "", multiplicity_line(n, significant, untested, sum(1 for r in between if r["p"] is not None)), ""]
+    lines = [f"{REPORT_TITLE}`{out}`", "", multiplicity_line(n, significant, untested, sum(1 for r in between if r["p"] is not None),
+                                                             sum(1 for r in versus if r["p"] is not None)), ""]
     for s in sessions:
         if not s.get("runs_trained", True):
             continue  # a call that found everything done
@@ -583,7 +608,7 @@ def write_report(out_dir: str | Path) -> Path:
         preset, optim, lr, rows, section, title = sec["preset"], sec["optimizer"], sec["lr"], sec["rows"], sec.pop("runs"), sec.pop("title")
         start = next(iter(section[0].events("start")), {})
         lines += ["", f"## preset `{preset}`, optimizer `{optim}`{title}" + (f", lr {lr:g}" if sec["multi_lr"] else ""), "",
-                  _section_header(section[0].config, start), ""]
+                  _section_header(section[0].config, start, "each router at its own lr (in the table)" if sec["tuned"] else None), ""]
         stem = sec.pop("stem")
         if not rows:
             lines.append("No finished runs yet.")
@@ -593,10 +618,13 @@ def write_report(out_dir: str | Path) -> Path:
         lines += [f"![{f}]({f})" for f in _plots(section, rows, out, stem)]
     if between:
         lines += ["", "## Between cells", "", format_between_cells(between, _diff_cell), "", CELL_NOTES]
+    if versus:
+        lines += ["", "## Against mpi", "", format_versus(versus, _diff_cell), "", VERSUS_NOTES]
     lines += ["", "Columns:", "", NOTES, ""]
     summary = {"sessions": sessions, "report_env": now,
                "comparisons": {"n": n, "adjustment": "holm", "alpha": ALPHA, "significant": significant, "untested": untested},
-               "sweeps": sweeps, "sections": [sec for sec in sections if sec["rows"]], "between_cells": between}
+               "sweeps": sweeps, "sections": [sec for sec in sections if sec["rows"]], "between_cells": between,
+               "against_mpi": versus}
     atomic_write_text(out / REPORT, "\n".join(lines))
     atomic_write_text(out / REPORT_JSON, json.dumps(summary, indent=2, default=str))
     return out / REPORT

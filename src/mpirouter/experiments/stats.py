@@ -14,10 +14,13 @@ from collections.abc import Sequence
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1) of `xs`; the std of a single value is 0."""
+    """Mean and sample standard deviation (ddof=1) of `xs`; the std of a single value is 0. NaN in, (NaN, NaN) out
+    (e.g. the alignment of a router without rows in the experts' input space)."""
     xs = [float(x) for x in xs]
     if not xs:
         raise ValueError("mean_std of an empty sequence")
+    if any(math.isnan(x) for x in xs):
+        return math.nan, math.nan
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 

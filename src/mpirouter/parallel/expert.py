@@ -78,7 +78,7 @@ class ExpertParallel:
 
     def run_experts(self, x_TD: torch.Tensor, routing: Routing, w_gate_LFD: torch.Tensor, w_up_LFD: torch.Tensor,
                     w_down_LDF: torch.Tensor, impl: Dispatch = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """`core.moe.moe_forward_sorted` with this rank holding experts [rank·L, (rank+1)·L): (out_TD, tokens_per_expert_E).
+        """`core.experts.moe_forward_sorted` with this rank holding experts [rank·L, (rank+1)·L): (out_TD, tokens_per_expert_E).
 
         Slots sorted by expert are in destination-rank order, so one all-to-all sends them; they
         arrive grouped by source rank, then local expert, and are regrouped by local expert for the

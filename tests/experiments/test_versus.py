@@ -1,0 +1,85 @@
+"""Reports of the coupling designs: each router at its own lr in one section (`report.tuned_lrs`), the
+"Against mpi" table (`experiments.versus`), and the designs table of `mpirouter bench --designs`."""
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from mpirouter.experiments.bench_routers import DESIGNS, bench_router_designs, design_config, print_router_designs
+from mpirouter.experiments.compare import CompareConfig, run_grid
+from mpirouter.experiments.report import tuned_lrs, variant_label, write_report
+from mpirouter.experiments.versus import summarize_versus
+from mpirouter.trainer.data import DataConfig, prepare_data
+
+
+def run(router, seed, loss, maxvio=0.1, scale=None):
+    scale = 1.0 if router.split("+")[0] in ("mpi", "svd") and scale is None else scale
+    return SimpleNamespace(variant=(router, scale, None), config={"seed": seed}, final={"val_loss": loss, "maxvio": maxvio})
+
+
+def section(runs, title=""):
+    return {"runs": runs, "preset": "debug", "optimizer": "adamw", "title": title, "lr": None, "multi_lr": False}
+
+
+def test_tuned_lrs_only_when_every_variant_has_one_lr():
+    a, b = run("linear", 0, 2.0), run("cosine", 0, 1.9)
+    assert tuned_lrs({0.01: [a], 0.02: [b]}) == {a.variant: 0.01, b.variant: 0.02}
+    assert tuned_lrs({0.01: [a, b]}) is None  # one lr: an ordinary section
+    assert tuned_lrs({0.01: [a, b], 0.02: [run("linear", 0, 2.1), run("cosine", 0, 1.8)]}) is None  # a sweep
+
+
+def test_against_mpi_pairs_each_design_with_mpi_by_seed():
+    runs = [run("linear", s, 2.0 + s) for s in range(3)] + [run("mpi", s, 1.75 + s) for s in range(3)]
+    runs += [run("cosine", s, 1.8 + s + 0.01 * s) for s in range(3)] + [run("mpi+erc", s, 2.0 + s) for s in (0, 1)]
+    rows = summarize_versus([section(runs)], variant_label)
+    by = {r["label"]: r for r in rows}
+    assert set(by) == {"cosine", "mpi+erc C'=1"}  # neither linear nor mpi itself
+    diffs = [(1.8 + s + 0.01 * s) - (1.75 + s) for s in range(3)]
+    assert by["cosine"]["diff"][0] == pytest.approx(sum(diffs) / 3)
+    assert by["cosine"]["reference"] == "mpi C'=1" and by["cosine"]["seeds"] == [0, 1, 2]
+    assert by["mpi+erc C'=1"]["diff_n"] == 2 and by["mpi+erc C'=1"]["diff"][0] == 0.25
+    assert by["mpi+erc C'=1"]["p"] is None  # zero variance: no test, not counted by Holm
+
+
+@pytest.mark.parametrize("routers", [["linear", "mpi", "power"], ["linear", "cosine"], ["linear", "mpi", "mpi"]],
+                         ids=["mpi-family-only", "no-mpi", "two-mpi-variants"])
+def test_against_mpi_leaves_sections_without_a_design_or_one_mpi(routers):
+    runs = [run(r, s, 2.0, scale=1.0 if r == "mpi" and i == 1 else (2.0 if r == "mpi" else None))
+            for i, r in enumerate(routers) for s in range(2)]
+    assert summarize_versus([section(runs)], variant_label) == []
+
+
+@pytest.fixture(scope="module")
+def data():
+    full = prepare_data(DataConfig(), seq_len=32)
+    return dataclasses.replace(full, train_ids=full.train_ids[:100_000], val_ids=full.val_ids[:2048])
+
+
+def test_report_of_routers_at_their_own_lrs_pairs_them_and_compares_with_mpi(tmp_path, data):
+    out = tmp_path / "zoo"
+    common = dict(seeds=[0, 1], preset="debug", steps=4, batch_size=4, eval_every=2, eval_batches=1, out_dir=str(out),
+                  progress=False, overrides=["model.max_seq_len=32", "eval_batch_size=8"])
+    run_grid(CompareConfig(routers=["linear", "mpi"], lrs=[1e-2], **common), data=data)
+    run_grid(CompareConfig(routers=["cosine", "mpi+erc"], lrs=[2e-2], **common), data=data)
+    text = write_report(out).read_text()
+    assert "each router at its own lr" in text and "linear @ lr 0.01" in text and "cosine @ lr 0.02" in text
+    assert "## lr sweep" not in text  # no router was trained at two lrs
+    assert "## Against mpi" in text and "| cosine | mpi C'=1 | 2 |" in text
+    assert "(3 against linear, 2 against mpi)" in text
+    assert "| cosine @ lr 0.02 | 2 |" in text and "| nan | nan |" in text  # cosine has no rows to align
+
+
+def test_bench_designs_times_every_design_beside_linear():
+    assert set(DESIGNS) >= {"linear", "mpi", "svd", "cosine", "kmeans", "aoe", "remoe", "linear+erc", "linear+simbal"}
+    assert design_config("mpi+erc").erc.enabled and design_config("mpi+erc").kind == "mpi"
+    r = bench_router_designs("debug", ["cosine", "aoe"], reps=1, repeat=1, batch_size=2)
+    assert list(r["designs"]) == ["linear", "cosine", "aoe"]  # linear added as the baseline
+    lin, cos, aoe = (r["designs"][k] for k in ("linear", "cosine", "aoe"))
+    assert lin["step_ratio"]["median"] == 1.0
+    assert cos["params"]["total"] > lin["params"]["total"] > aoe["params"]["total"]
+    assert all(d["router_ms"]["median"] > 0 and math.isfinite(d["step_ms"]["median"]) for d in r["designs"].values())
+    lines = []
+    print_router_designs(r, lines.append)
+    assert any(line.startswith("| aoe | 163,624 |") for line in lines)
