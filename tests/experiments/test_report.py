@@ -9,17 +9,18 @@ import pytest
 
 from mpirouter.experiments.report import (
     MARK,
+    _diff_cell,
     RunRecord,
     adjust_comparisons,
     eval_curve,
     estimator_title,
     format_rows,
-    format_sweep,
     multiplicity_line,
     summarize_section,
     summarize_sweep,
 )
 from mpirouter.experiments.stats import paired_ci, ratio_ci
+from mpirouter.experiments.sweeps import format_sweep
 
 
 def fake_run(router, seed, curve, step_ms=10.0, router_ms=0.1, scale=1.0, eval_batches=None, prefix=None):
@@ -115,7 +116,7 @@ def test_holm_across_rows_marks_only_survivors():
             for i, p in enumerate([0.01, None, 0.04, 0.03, 0.005])]
     assert adjust_comparisons(rows) == 4
     assert [r["p_holm"] for r in rows] == [pytest.approx(0.03), None, pytest.approx(0.06), pytest.approx(0.06), pytest.approx(0.02)]
-    table = format_sweep([{**r, "by_lr": {1.0: [3.0, 0.1, 3]}, "best_lr": 1.0} for r in rows])
+    table = format_sweep([{**r, "by_lr": {1.0: [3.0, 0.1, 3]}, "best_lr": 1.0} for r in rows], _diff_cell)
     assert f"p_Holm=0.03 {MARK}" in table and f"p_Holm=0.02 {MARK}" in table and "p_Holm=0.06 |" in table
     assert "no test (zero variance)" in table
     line = multiplicity_line(4, ["r0", "r4"], 1)
@@ -139,7 +140,7 @@ def test_sweep_compares_each_router_at_its_own_best_lr():
     assert mpi["diff"] == pytest.approx(paired_ci([0.0, -0.1])) and mpi["diff_n"] == 2
     assert mpi["p"] == pytest.approx(0.5, abs=1e-9)  # t = -0.05 / (0.0707/√2) = -1 on 1 df: p = 1 - 2·atan(1)/π
     assert ret["diff_n"] == 1 and ret["diff"][0] == pytest.approx(0.6) and math.isnan(ret["diff"][1])
-    table = format_sweep(list(rows.values()))
+    table = format_sweep(list(rows.values()), _diff_cell)
     assert "| router | lr 1 | lr 2 | best lr |" in table
     assert "**3.0000 ± 0.1414 (n=2)**" in table  # linear's best cell is bold
     assert "| retract C'=1 | **3.5000 ± 0.0000 (n=1)** | – | 1 | +0.6000 (n=1, no CI) |" in table
@@ -149,7 +150,7 @@ def test_sweep_compares_each_router_at_its_own_best_lr():
 def test_sweep_without_a_linear_run_says_so():
     rows = summarize_sweep({1.0: [fake_run("mpi", 0, [9.0, 3.0])], 2.0: [fake_run("mpi", 0, [9.0, 2.0])]})
     assert rows[0]["best_lr"] == 2.0 and rows[0]["diff"] is None
-    assert "no linear run" in format_sweep(rows)
+    assert "no linear run" in format_sweep(rows, _diff_cell)
 
 
 # ----------------------------------------------------------------------------- runs that may not be pooled

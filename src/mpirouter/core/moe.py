@@ -340,7 +340,12 @@ class MoE(nn.Module):
         """Whether a forward talks to other ranks: then it must run even with no tokens, or the others hang."""
         cfg = self.config
         global_aux = cfg.aux_loss_scope == "global" and cfg.uses_aux_loss and dist.is_available() and dist.is_initialized()
-        return self.ep is not None or global_aux
+        return self.ep is not None or global_aux or self._global_remoe_load()
+
+    def _global_remoe_load(self) -> bool:
+        """ReMoE's L1 load weights come from the global batch (aux_loss_scope "global" under torch.distributed)."""
+        return (self.kind == "remoe" and self.config.aux_loss_scope == "global" and self.config.router.remoe.balance_refined
+                and dist.is_available() and dist.is_initialized())
 
     def forward(self, x_BSD: torch.Tensor, rows_ED: torch.Tensor | None = None) -> MoEOutput:
         """`rows_ED`: φ computed beforehand (once per optimizer step, `routers.RowsPerStep`); None computes it here."""
@@ -444,7 +449,13 @@ class MoE(nn.Module):
         if training:
             seen = torch.stack([counts_E.sum(), counts_E.new_tensor(gates_TE.numel())]).detach()
             self._gates_2 = seen if self._gates_2 is None else self._gates_2 + seen
-        l1 = self.l1_coef.float() * remoe_l1(gates_TE, counts_E, cfg.top_k, cfg.router.remoe.balance_refined)
+        load_E, tokens = counts_E, gates_TE.shape[0]
+        if self._global_remoe_load():
+            # the load weights f from the global batch: the ranks' mean penalty is then the global batch's, as for the
+            # "global" balance loss (without it, each rank's own micro-batch, as the "batch" scope)
+            both = self._all_reduce(torch.cat([counts_E, counts_E.new_tensor([tokens])]).detach())
+            load_E, tokens = both[:-1], both[-1]
+        l1 = self.l1_coef.float() * remoe_l1(gates_TE, load_E, cfg.top_k, cfg.router.remoe.balance_refined, tokens)
         probs_TE = gates_TE / (gates_TE.sum(-1, keepdim=True) + 1e-20)
         return out_TD, counts_E, probs_TE, l1
 

@@ -57,7 +57,7 @@ from ..trainer.evaluation import router_cost_ms
 from ..trainer.step import train_step
 from .bench_precision import DEFAULT_STEP_PRESETS, bench_step_precision
 from .bench_routers import bench_router_designs, print_router_designs
-from .timing import free_memory, is_out_of_memory, one_line, skip_reason, time_interleaved, warm_up
+from .timing import Spread, fmt_ms, fmt_range, free_memory, is_out_of_memory, one_line, skip_reason, time_interleaved, warm_up
 
 
 @dataclass(frozen=True)
@@ -87,26 +87,6 @@ BASELINE, CEILING, CEILING_FP32, HF = "sorted/loop", "ceiling", "ceiling-fp32", 
 
 
 # ----------------------------------------------------------------------------- summaries (pure)
-
-
-@dataclass(frozen=True)
-class Spread:
-    """Median and range of one figure over repeats."""
-
-    median: float
-    min: float
-    max: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> "Spread":
-        if not values:
-            raise ValueError("a spread needs at least one value")
-        return cls(statistics.median(values), min(values), max(values))
-
-    @property
-    def pct(self) -> float:
-        """Half the range as a percentage of the median: ±pct% around it."""
-        return 50.0 * (self.max - self.min) / self.median if self.median else 0.0
 
 
 @dataclass(frozen=True)
@@ -451,14 +431,6 @@ def bench_router_share_fitting(preset: str, reps: int, repeat: int, device: torc
 # ----------------------------------------------------------------------------- the command
 
 
-def _ms(v: float) -> str:
-    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
-
-
-def _range(s: Spread, fmt: Callable[[float], str] = _ms, unit: str = "") -> str:
-    return f"{fmt(s.median)}{unit} [{fmt(s.min)}–{fmt(s.max)}]"
-
-
 def _flops(s: Spread) -> str:
     """A ceiling in GFLOP/s (CPU) or TFLOP/s (GPU): median [min–max] unit."""
     k, unit = (1000, "TFLOP/s") if s.median >= 10_000 else (1, "GFLOP/s")
@@ -479,9 +451,9 @@ def print_layer_table(name: str, r: dict, printer=print) -> None:
     for n, summ in r["summary"].items():
         ms, ratio = Spread(**summ["ms"]), Spread(**summ["ratio"])
         label = n + (" = auto" if n == r["auto"] else "")
-        rat = "1 (baseline)" if n == BASELINE else _range(ratio, lambda v: f"{v:.2f}")
+        rat = "1 (baseline)" if n == BASELINE else fmt_range(ratio, lambda v: f"{v:.2f}")
         pct = f"{r['pct_of_ceiling'][n]:>7.0f}%" if n in r["pct_of_ceiling"] else f"{'–':>8}"
-        printer(f"  {label:<24}{_range(ms):<26}{ms.pct:>5.1f}%{pct}   {rat}")
+        printer(f"  {label:<24}{fmt_range(ms):<26}{ms.pct:>5.1f}%{pct}   {rat}")
     for n, why in r["skipped"].items():
         printer(f"  {n}: skipped ({why})")
     for note in r["notes"]:
@@ -570,9 +542,9 @@ def print_router_share(preset: str, r: dict, printer=print) -> None:
     halved = f"; batch halved from {r['batch_halved_from']} to fit in GPU memory" if r["batch_halved_from"] else ""
     printer(f"\nTraining step of preset {preset!r} ({r['batch_size']} x {r['tokens'] // r['batch_size']} = {r['tokens']} tokens, "
             f"fwd+bwd+clip+AdamW, one model with the router kind switched between steps{halved}):")
-    printer(f"  linear router {_range(sp['step_ms_linear'])} ms | mpi router {_range(sp['step_ms_mpi'])} ms | "
-            f"mpi/linear {_range(sp['step_ratio'], lambda v: f'{v:.3f}')}")
-    printer(f"  MPI rows φ fwd+bwd {_range(sp['mpi_rows_ms'])} ms = {_range(sp['mpi_rows_share'], lambda v: f'{100 * v:.2f}', '%')} "
+    printer(f"  linear router {fmt_range(sp['step_ms_linear'])} ms | mpi router {fmt_range(sp['step_ms_mpi'])} ms | "
+            f"mpi/linear {fmt_range(sp['step_ratio'], lambda v: f'{v:.3f}')}")
+    printer(f"  MPI rows φ fwd+bwd {fmt_range(sp['mpi_rows_ms'])} ms = {fmt_range(sp['mpi_rows_share'], lambda v: f'{100 * v:.2f}', '%')} "
             f"of the mpi step")
 
 
@@ -582,5 +554,5 @@ def print_step_precision(r: dict, printer=print) -> None:
             f"tokens, mpi router, fwd+bwd+clip+{r['optimizer']}, one model, variants interleaved; bf16 matmuls {r['bf16_matmuls']}):")
     for name, ms in r["repeats_ms"].items():
         ratio = r["ratio_to_fp32"].get(name)
-        rat = "1 (baseline)" if ratio is None else _range(Spread.of(ratio), lambda v: f"{v:.2f}")
-        printer(f"  {name:<20}{_range(Spread.of(ms)):<26} ms   t/fp32 {rat}")
+        rat = "1 (baseline)" if ratio is None else fmt_range(Spread.of(ratio), lambda v: f"{v:.2f}")
+        printer(f"  {name:<20}{fmt_range(Spread.of(ms)):<26} ms   t/fp32 {rat}")

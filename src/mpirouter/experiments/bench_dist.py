@@ -38,7 +38,8 @@ from ..parallel.env import init_distributed, rank_device, shutdown
 from ..parallel.wrap import parallelize
 from ..trainer.device import StepTimer, autocast_dtype, resolve_device
 from ..trainer.step import train_step
-from .bench import Spread, summarize
+from .bench import summarize
+from .timing import Spread
 
 SINGLE = "1 process"
 RESULT_PREFIX = "BENCH_DIST_RESULT "

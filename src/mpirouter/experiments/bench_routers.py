@@ -22,7 +22,7 @@ from ..optim import OptimConfig, build_optimizer
 from ..trainer.device import StepTimer
 from ..trainer.evaluation import router_cost_ms
 from ..trainer.step import train_step
-from .timing import time_interleaved
+from .timing import Spread, fmt_range, time_interleaved
 
 DESIGNS: tuple[str, ...] = ("linear", "mpi", "linear+erc", "mpi+erc", "linear+simbal", "svd", "cosine", "kmeans", "aoe", "remoe")
 """`--designs all`: every router kind beside the MPI ablations, and the ERC / SimBal losses on linear and mpi."""
@@ -37,8 +37,6 @@ def design_config(name: str) -> RouterConfig:
 def bench_router_designs(preset: str, designs: list[str], reps: int = 5, repeat: int = 3, device: torch.device | str = "cpu",
                          amp: torch.dtype | None = None, batch_size: int = 16, seed: int = 0) -> dict:
     """Per design: parameter counts, step ms, step ÷ linear's (per repeat), router ms and its share of the step."""
-    from .bench import Spread  # noqa: PLC0415 (bench imports this module for its table)
-
     if "linear" not in designs:
         designs = ["linear", *designs]
     device = torch.device(device)
@@ -81,14 +79,12 @@ def bench_router_designs(preset: str, designs: list[str], reps: int = 5, repeat:
 
 def print_router_designs(r: dict, printer=print) -> None:
     """The designs table of `bench_router_designs`' result."""
-    from .bench import Spread, _range  # noqa: PLC0415
-
     printer(f"\nRouter designs, preset {r['preset']!r} ({r['batch_size']} x {r['tokens'] // r['batch_size']} = {r['tokens']} tokens, "
             f"one model per design, fwd+bwd+clip+AdamW, designs interleaved step by step):")
     printer("| design | params total | params active | step ms | step / linear | router ms | router share |")
     printer("|---|---|---|---|---|---|---|")
     for name, d in r["designs"].items():
         sp = {k: Spread(**d[k]) for k in ("step_ms", "step_ratio", "router_ms", "router_share")}
-        printer(f"| {name} | {d['params']['total']:,} | {d['params']['active']:,} | {_range(sp['step_ms'])} | "
-                f"{_range(sp['step_ratio'], lambda v: f'{v:.3f}')} | {_range(sp['router_ms'])} | "
-                f"{_range(sp['router_share'], lambda v: f'{100 * v:.2f}', '%')} |")
+        printer(f"| {name} | {d['params']['total']:,} | {d['params']['active']:,} | {fmt_range(sp['step_ms'])} | "
+                f"{fmt_range(sp['step_ratio'], lambda v: f'{v:.3f}')} | {fmt_range(sp['router_ms'])} | "
+                f"{fmt_range(sp['router_share'], lambda v: f'{100 * v:.2f}', '%')} |")

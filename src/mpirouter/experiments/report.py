@@ -31,9 +31,10 @@ from .cells import format_between_cells, summarize_between_cells
 from .folders import GRID_FILE, REPORT, REPORT_JSON, REPORT_TITLE, SESSIONS, check_outputs_ours
 from .plots import pyplot, save_figure
 from .sections import check_no_duplicates, differs_order, differs_stem, differs_text, group_runs
+from .sweeps import SWEEP_NOTES, format_sweep, sweep_plot
 from .versus import NOTES as VERSUS_NOTES
 from .versus import format_versus, summarize_versus
-from .stats import holm, mean_curve, mean_std, paired_ci, paired_t_pvalue, ratio_ci, tokens_to_target
+from .stats import ALPHA, MARK, holm, mean_curve, mean_std, paired_ci, paired_t_pvalue, ratio_ci, tokens_to_target
 
 SCALE_FREE = ("linear", "power", "cosine", "kmeans", "aoe", "remoe")
 """Router kinds that do not use C' (trained once per seed, whatever `scales` says)."""
@@ -44,8 +45,6 @@ TARGET_FREE = ("linear", "retract", "cosine", "kmeans", "aoe", "remoe")
 def router_kind(name: str) -> str:
     """The router kind of a run's router name ("mpi+erc" -> "mpi")."""
     return name.split("+", 1)[0]
-ALPHA, MARK = 0.05, "†"
-"""Family-wise level of the Holm adjustment, and the marker of Δ cells that survive it."""
 PREFIX_EVAL_SINCE = "recorded from commit c3002f6 on"
 """Which runs carry the final eval's prefix estimate (`val_loss_prefix`); older capped runs cannot give a speed-up."""
 
@@ -468,50 +467,6 @@ def summarize_sweep(by_lr: dict[float, list[RunRecord]]) -> list[dict]:
     return rows
 
 
-def format_sweep(rows: list[dict]) -> str:
-    """The sweep's markdown table (best lr of each row in bold)."""
-    lrs = sorted({lr for r in rows for lr in r["by_lr"]})
-    lines = ["| router | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | Δ vs linear, each at its best lr [95% CI], p_Holm |",
-             "|" + "---|" * (len(lrs) + 3)]
-    for r in rows:
-        cells = []
-        for lr in lrs:
-            m, sd, n = r["by_lr"].get(lr, (None, None, 0))
-            text = "–" if m is None else f"{m:.4f} ± {sd:.4f} (n={n})"
-            cells.append(f"**{text}**" if lr == r["best_lr"] else text)
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['best_lr']:g} | {_diff_cell(r)} |")
-    return "\n".join(lines)
-
-
-SWEEP_NOTES = f"""\
-Cells: final validation loss, mean ± std over seeds, at each peak lr (same steps and tokens for every
-cell). Each router's best lr (bold) is the one with the lowest mean; Δ pairs each seed of that router at
-its best lr with the same seed of linear at linear's best lr (95% paired t-interval, unadjusted; p_Holm
-and {MARK} as in the section tables, adjusted over all N comparisons of the report). Picking the best of
-several settings on the same seeds is optimistic, and a router swept over more settings (several C') gets
-more picks; read a lone C' row as the fair one-for-one comparison."""
-
-
-def _sweep_plot(rows: list[dict], out: Path, stem: str) -> list[str]:
-    plt = pyplot()
-    if plt is None:
-        return []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, r in enumerate(rows):
-        lrs = list(r["by_lr"])
-        ax.errorbar([lr * (1 + 0.02 * (i - len(rows) / 2)) for lr in lrs], [r["by_lr"][lr][0] for lr in lrs],
-                    yerr=[r["by_lr"][lr][1] for lr in lrs], marker="o", ms=4, capsize=3, label=r["label"])
-    ax.set_xscale("log")
-    ax.set(xlabel="peak learning rate", ylabel="final validation loss")
-    ax.set_title(f"learning-rate sweep\n{stem}, mean ± std over seeds", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = f"{stem}-lr_sweep.png"
-    save_figure(fig, out / name)
-    return [name]
-
-
 def _section_header(c: dict, start: dict, lr: str | None = None) -> str:  # lr: e.g. "lrs 0.003 / 0.006"
     """The line under a section title: budget, lr, experts, corpus, device (from a run's config and start record)."""
     return (f"{c['steps']} steps × {c['batch_size'] * c['grad_accum']} sequences × {c.get('seq_len') or c['model']['max_seq_len']} "
@@ -602,8 +557,8 @@ def write_report(out_dir: str | Path) -> Path:
         lrs = "lrs " + " / ".join(f"{lr:g}" for lr in sorted(by_lr))
         lines += ["", f"## lr sweep: preset `{preset}`, optimizer `{optim}`{title}", "",
                   _section_header(first.config, next(iter(first.events("start")), {}), lrs), "",
-                  format_sweep(sw["rows"]), "", SWEEP_NOTES, ""]
-        lines += [f"![{f}]({f})" for f in _sweep_plot(sw["rows"], out, sw.pop("stem"))]
+                  format_sweep(sw["rows"], _diff_cell), "", SWEEP_NOTES, ""]
+        lines += [f"![{f}]({f})" for f in sweep_plot(sw["rows"], out, sw.pop("stem"))]
     for sec in sections:
         preset, optim, lr, rows, section, title = sec["preset"], sec["optimizer"], sec["lr"], sec["rows"], sec.pop("runs"), sec.pop("title")
         start = next(iter(section[0].events("start")), {})

@@ -13,6 +13,9 @@ import statistics
 from collections.abc import Sequence
 
 
+ALPHA, MARK = 0.05, "†"
+"""Family-wise level of the Holm adjustment, and the marker of Δ cells that survive it."""
+
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1) of `xs`; the std of a single value is 0. NaN in, (NaN, NaN) out
     (e.g. the alignment of a router without rows in the experts' input space)."""

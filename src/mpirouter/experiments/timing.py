@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gc
 import statistics
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -21,6 +22,36 @@ WARMUP_MIN, WARMUP_MAX, WARMUP_SETTLED = 2, 5, 0.10
 of the later one, at most WARMUP_MAX. The first pays one-time costs (allocator growth, cuBLAS handles and heuristics,
 kernel loading, autotuning); on a GPU the second can still pay some (the caching allocator settling)."""
 
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and range of one figure over repeats."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Spread":
+        if not values:
+            raise ValueError("a spread needs at least one value")
+        return cls(statistics.median(values), min(values), max(values))
+
+    @property
+    def pct(self) -> float:
+        """Half the range as a percentage of the median: ±pct% around it."""
+        return 50.0 * (self.max - self.min) / self.median if self.median else 0.0
+
+
+def fmt_ms(v: float) -> str:
+    """Milliseconds with three significant digits or so."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+def fmt_range(s: Spread, fmt: Callable[[float], str] = fmt_ms, unit: str = "") -> str:
+    """"median [min–max]" of a spread, each figure formatted by `fmt`."""
+    return f"{fmt(s.median)}{unit} [{fmt(s.min)}–{fmt(s.max)}]"
 
 def one_line(e: BaseException, limit: int = 160) -> str:
     """An exception as one line of at most `limit` characters (its type's name when it has no message)."""

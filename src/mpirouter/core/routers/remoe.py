@@ -30,17 +30,21 @@ def relu_slots(gates_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return tokens_M, experts_M, gates_TE[tokens_M, experts_M]
 
 
-def remoe_l1(gates_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int, refined: bool = True) -> torch.Tensor:
+def remoe_l1(gates_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int, refined: bool = True,
+             total_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """ReMoE's L1 penalty Σ_i f_i · mean_t G_ti (eq. 9 with its load-balancing refinement; f_i = 1 without it).
 
     f_i = E / (K T) · count_i is expert i's load relative to top-k's even share, detached: busy experts'
-    gates are pushed down harder. Not multiplied by λ here.
+    gates are pushed down harder. `counts_E` and `total_tokens` (None: this batch's T) may span more tokens
+    than `gates_TE` holds, e.g. the global batch of all data-parallel ranks (f from the global load, the
+    mean over this rank's tokens). Not multiplied by λ here; 0 for no tokens.
     """
     T, E = gates_TE.shape
-    mean_E = gates_TE.float().mean(0)
+    mean_E = gates_TE.float().sum(0) / max(T, 1)
     if not refined:
         return mean_E.sum()
-    f_E = counts_E.detach().float() * (E / (top_k * max(T, 1)))
+    total = torch.as_tensor(T if total_tokens is None else total_tokens, device=gates_TE.device).float().clamp_min(1)
+    f_E = counts_E.detach().float() * E / (top_k * total)
     return (f_E * mean_E).sum()
 
 
