@@ -277,6 +277,27 @@ def test_every_design_starts_with_the_linear_models_shared_parameters(name):
     assert not torch.equal(MoELM(preset_config("debug")).tok_emb.weight, other["tok_emb.weight"])
 
 
+
+@pytest.mark.parametrize("name", ["cosine", "kmeans", "aoe", "linear+simbal"])
+def test_a_designs_own_parameters_repeat_no_other_parameters_values(name):
+    """They come from a reseeded fork of the generator: drawing from the bare fork would copy the values (or a
+    multiple of them) the next parameters draw from the global stream."""
+    torch.manual_seed(3)
+    model = MoELM(preset_config("debug", moe=dict(router=RouterConfig(**DESIGNS[name]))))
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    linear_names = set(dict(MoELM(preset_config("debug", moe=dict(router=RouterConfig(kind="linear")))).named_parameters()))
+    own = [n for n in tensors if "ffn" in n and (n not in linear_names or "router" in n) and tensors[n].numel() >= 8
+           and tensors[n].dtype.is_floating_point]
+    assert own, "the design adds or reshapes no parameter"
+    for n in own:
+        head = tensors[n].detach().flatten()[:8].double()
+        for m, t in tensors.items():
+            if m == n or t.numel() < 8 or not t.dtype.is_floating_point:
+                continue
+            other = t.detach().flatten()[:8].double()
+            cos = (head @ other / (head.norm() * other.norm()).clamp_min(1e-30)).abs()
+            assert cos < 0.999, (n, m)
+
 # ----------------------------------------------------------------------------- folding
 
 

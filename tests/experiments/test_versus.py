@@ -83,3 +83,33 @@ def test_bench_designs_times_every_design_beside_linear():
     lines = []
     print_router_designs(r, lines.append)
     assert any(line.startswith("| aoe | 163,624 |") for line in lines)
+
+
+def test_tuned_lrs_takes_a_one_lr_group_when_asked():
+    a, b = run("linear", 0, 2.0), run("cosine", 0, 1.9)
+    assert tuned_lrs({0.01: [a, b]}, one_lr_too=True) == {a.variant: 0.01, b.variant: 0.01}
+    assert tuned_lrs({None: [a, b]}, one_lr_too=True) is None  # no lr recorded: nothing to show
+
+
+def test_a_cell_at_one_lr_pairs_with_a_tuned_cell_between_cells(tmp_path, data):
+    out = tmp_path / "zoo"
+    common = dict(seeds=[0, 1], preset="debug", steps=4, batch_size=4, eval_every=2, eval_batches=1, out_dir=str(out),
+                  progress=False, overrides=["model.max_seq_len=32", "eval_batch_size=8"])
+    run_grid(CompareConfig(routers=["linear", "cosine"], lrs=[1e-2], vary={"model.moe.balance": ["aux"]}, **common), data=data)
+    run_grid(CompareConfig(routers=["linear"], lrs=[1e-2], vary={"model.moe.balance": ["bias"]}, **common), data=data)
+    run_grid(CompareConfig(routers=["cosine"], lrs=[2e-2], vary={"model.moe.balance": ["bias"]}, **common), data=data)
+    text = write_report(out).read_text()
+    assert text.count("each router at its own lr") == 2  # the one-lr aux cell too
+    between = text.split("## Between cells")[1]
+    assert "| linear |" in between and "| cosine |" in between  # both routers paired across the cells
+
+
+@pytest.mark.parametrize("kind", ["cosine", "kmeans", "aoe"])
+def test_trajectory_refuses_routers_without_rows(kind):
+    from mpirouter.core.model import MoELM, preset_config
+    from mpirouter.core.routers import RouterConfig
+    from mpirouter.experiments.trajectory import snapshot
+
+    model = MoELM(preset_config("debug", moe=dict(router=RouterConfig(kind=kind))))
+    with pytest.raises(ValueError, match=f"a '{kind}' router has none"):
+        snapshot(model, 0)

@@ -205,6 +205,12 @@ def _rng_devices(t: torch.Tensor) -> list:
     return [t.device] if t.device.type == "cuda" else []
 
 
+def _reseed_fork() -> None:
+    """Inside a `fork_rng`: move to a stream of its own, derived from the current state. The fork starts where the
+    global stream goes on, so drawing from it directly would repeat the next parameters' values (correlated weights)."""
+    torch.manual_seed((int(torch.randint(0, 2**62, ())) * 6364136223846793005 + 1442695040888963407) % 2**63)
+
+
 class MoE(nn.Module):
     """Dropless top-k MoE FFN: router + E SwiGLU experts in stacked parameters.
 
@@ -237,6 +243,7 @@ class MoE(nn.Module):
         else:
             # built on a forked generator, then the draw `Router.__init__` makes: the stream stays a linear layer's
             with torch.random.fork_rng(devices=[]):
+                _reseed_fork()
                 self.router = build_router(dim, E, config.router)
             torch.empty(E, dim).normal_()
         self.w_gate = nn.Parameter(torch.empty(E, Fh, gate_in))
@@ -269,8 +276,9 @@ class MoE(nn.Module):
         """Initialize the experts and the router (the model's `init_weights` calls this).
 
         A layer draws from the global generator exactly what a linear-router layer of the same shape
-        draws; parameters a design adds or reshapes are drawn from a fork of the generator, so every other
-        parameter of the model starts as in the linear run of the same seed (paired comparisons).
+        draws; parameters a design adds or reshapes are drawn from a fork of the generator, reseeded so they
+        repeat no other parameter's values, and every other parameter of the model starts as in the linear
+        run of the same seed (paired comparisons).
         """
         down_std = 0.02 if out_std is None else out_std
         E, D, F = self.config.num_experts, self.dim, self.config.hidden
@@ -291,6 +299,7 @@ class MoE(nn.Module):
             else:
                 torch.empty(E, D, device=self.w_up.device).normal_()
             with torch.random.fork_rng(devices=_rng_devices(self.w_up)):
+                _reseed_fork()
                 self._reset_design(down_std, own_experts, own_router)
         if self.shared is not None:
             nn.init.normal_(self.shared.w_gate, std=0.02)
@@ -419,7 +428,14 @@ class MoE(nn.Module):
         return out if extra is None else out + extra
 
     def _router_losses(self, rows_ED: torch.Tensor) -> torch.Tensor | None:
-        """ERC and SimBal, scaled by their coefficients (None when neither is on). They depend on the weights only."""
+        """ERC and SimBal, scaled by their coefficients (None when neither is on). They depend on the weights only.
+
+        In float32 with autocast off, like the rows themselves: SimBal's ‖RRᵀ − I‖₁ near orthogonality and ERC's
+        margins are differences bf16 would round away."""
+        with torch.autocast(device_type=rows_ED.device.type, enabled=False):
+            return self._router_losses_fp32(rows_ED)
+
+    def _router_losses_fp32(self, rows_ED: torch.Tensor) -> torch.Tensor | None:
         cfg = self.config.router
         loss = None
         if cfg.erc.enabled:
@@ -447,13 +463,13 @@ class MoE(nn.Module):
         tokens_M, experts_M, weights_M = relu_slots(gates_TE)
         out_TD, counts_E = moe_forward_slots(x_TD, tokens_M, experts_M, weights_M, self.w_gate, self.w_up, self.w_down, cfg.dispatch)
         if training:
-            seen = torch.stack([counts_E.sum(), counts_E.new_tensor(gates_TE.numel())]).detach()
+            seen = torch.stack([counts_E.sum(), torch.full((), gates_TE.numel(), dtype=counts_E.dtype, device=counts_E.device)]).detach()
             self._gates_2 = seen if self._gates_2 is None else self._gates_2 + seen
         load_E, tokens = counts_E, gates_TE.shape[0]
         if self._global_remoe_load():
             # the load weights f from the global batch: the ranks' mean penalty is then the global batch's, as for the
             # "global" balance loss (without it, each rank's own micro-batch, as the "batch" scope)
-            both = self._all_reduce(torch.cat([counts_E, counts_E.new_tensor([tokens])]).detach())
+            both = self._all_reduce(torch.cat([counts_E, torch.full((1,), tokens, dtype=counts_E.dtype, device=counts_E.device)]).detach())
             load_E, tokens = both[:-1], both[-1]
         l1 = self.l1_coef.float() * remoe_l1(gates_TE, load_E, cfg.top_k, cfg.router.remoe.balance_refined, tokens)
         probs_TE = gates_TE / (gates_TE.sum(-1, keepdim=True) + 1e-20)

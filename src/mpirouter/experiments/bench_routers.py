@@ -66,7 +66,7 @@ def bench_router_designs(preset: str, designs: list[str], reps: int = 5, repeat:
         one = time_interleaved({n: step(n) for n in designs}, device, reps, 1, warmup=i == 0)
         for n in designs:
             steps[n] += one[n]
-            router[n].append(router_cost_ms(models[n][0], batch_size * seq, reps=max(3, reps)))
+            router[n].append(router_cost_ms(models[n][0], batch_size * seq, reps=max(3, reps), amp=amp))
     out = {}
     for n in designs:
         ratio = [a / b for a, b in zip(steps[n], steps["linear"])]

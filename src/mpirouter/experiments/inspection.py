@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..core.routing import max_violation
-from ..core.routers import concat_rows, relative_gain, select_target
+from ..core.routers import ROW_KINDS, concat_rows, relative_gain, select_target
 from ..trainer.checkpoint import load_model
 from ..trainer.data import iter_eval_batches, prepare_data
 
@@ -31,8 +31,10 @@ def expert_loads(model, cfg, batches: int) -> list[torch.Tensor]:
 def inspect_checkpoint(path: str | Path, batches: int = 8, per_expert: bool = True) -> str:
     """A plain-text table; loads measured on `batches` validation batches (0 skips the data pass)."""
     model, cfg = load_model(path)
-    loads = expert_loads(model, cfg, batches) if batches > 0 else []
     rc = cfg.model.moe.router
+    if rc.kind not in ROW_KINDS:
+        raise ValueError(f"inspect reads router rows φ against the experts; a {rc.kind!r} router has none")
+    loads = expert_loads(model, cfg, batches) if batches > 0 else []
     lines = [f"checkpoint {path}: router {rc.kind} (target {rc.target}, C'={rc.scale_prime}), "
              f"{cfg.model.n_layers} layers, E={cfg.model.moe.num_experts}, k={cfg.model.moe.top_k}",
              f"alignment = |cos| with the top right-singular vector of the expert's {rc.target} matrix; "

@@ -285,10 +285,10 @@ def summarize_section(runs: list[RunRecord]) -> list[dict]:
     return rows
 
 
-def tuned_lrs(by_lr: dict) -> dict[tuple, float] | None:
+def tuned_lrs(by_lr: dict, one_lr_too: bool = False) -> dict[tuple, float] | None:
     """{variant: lr} when the runs of a group were trained at several lrs but each variant at one only (each
-    router at its tuned lr, e.g. after a sweep); None otherwise (one lr, or an lr sweep)."""
-    if len(by_lr) < 2:
+    router at its tuned lr, e.g. after a sweep); None otherwise (an lr sweep, or one lr unless `one_lr_too`)."""
+    if len(by_lr) < (1 if one_lr_too else 2) or None in by_lr:
         return None
     lr_of: dict[tuple, float] = {}
     for lr, runs in by_lr.items():
@@ -380,8 +380,8 @@ NOTES = f"""\
   validation-loss and MaxVio plots use the speed-up's curve estimator (their titles say which). align φ /
   align R: mean |cos| between each expert's effective router row φ (or raw R) and its gate matrix's top
   right-singular vector (a random direction gives ≈ √(2/(πd))); they depend on the weights only.
-- step ms: median training-step time; router ms: forward + backward of every layer's router work for one step's
-  tokens (rows φ, logits, the router's own losses), measured
+- step ms: median training-step time; router ms: forward + backward of every layer's router work for one
+  micro-batch's tokens (rows φ, logits, the router's own losses), measured
   in the same run; router overhead = router ms / step ms. Runs are sequential, so step-time ratios also
   carry machine-load noise."""
 
@@ -504,9 +504,11 @@ def write_report(out_dir: str | Path) -> Path:
     # presets and optimizers sort by name, cells as their values were given to --vary, then other configs by value
     groups = sorted(group_runs(runs, list(given)), key=lambda g: (g.preset, g.optimizer, cell_order(given, g.cell), differs_order(g)))
     sweeps, sections, compared = [], [], []
+    # a cell whose routers all took one lr belongs with its tuned neighbour cells (so "Between cells" pairs them)
+    tuned_families = {(g.preset, g.optimizer, g.signature) for g in groups if tuned_lrs(g.by_lr)}
     for g in groups:
         preset, optim, cell, by_lr = g.preset, g.optimizer, g.cell, g.by_lr
-        tuned = tuned_lrs(by_lr)
+        tuned = tuned_lrs(by_lr, one_lr_too=(g.preset, g.optimizer, g.signature) in tuned_families)
         if tuned:  # each router at its own lr: one section, paired across lrs
             by_lr = {None: [r for runs_at_lr in by_lr.values() for r in runs_at_lr]}
         title = "".join(f", {t}" for t in (cell_text(cell), differs_text(g.differs)) if t)  # what sets the group apart

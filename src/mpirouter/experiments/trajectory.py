@@ -34,7 +34,7 @@ from ..common.config import from_dict
 from ..common.files import atomic_write_text
 from ..common.provenance import describe, environment
 from ..core.model import MoELM
-from ..core.routers import concat_rows, select_target, top_singular_directions
+from ..core.routers import ROW_KINDS, concat_rows, select_target, top_singular_directions
 from ..trainer.checkpoint import load_model_tensors, load_checkpoint, step_folders
 from ..trainer.config import TrainConfig
 from ..trainer.loop import build_model
@@ -90,6 +90,9 @@ class Snapshot:
 @torch.no_grad()
 def snapshot(model: MoELM, step: int) -> Snapshot:
     rs, phis, vs = [], [], []
+    kind = model.config.moe.router.kind
+    if kind not in ROW_KINDS:
+        raise ValueError(f"trajectory follows router rows φ against the experts; a {kind!r} router has none")
     for moe in model.moe_layers():
         mats = select_target(moe.router.config.target, moe.w_gate, moe.w_up)
         rs.append(moe.router.weight.detach().double())
@@ -144,7 +147,7 @@ def run_snapshots(run_dir: Path) -> tuple[TrainConfig, list[Snapshot]]:
 def find_runs(paths: list[str]) -> list[tuple[Path, str]]:
     """(run folder, group) for each path holding config.json, else for every run folder under it. A group is
     one row of the summary: the router variant, plus preset, optimizer, lr and `--vary` cell where runs differ
-    in them (runs of one group differ only in their seed)."""
+    in them (runs of one group differ only in their seed). Runs under a folder whose router has no rows are left out."""
     found: list[tuple[RunRecord, tuple]] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -155,7 +158,8 @@ def find_runs(paths: list[str]) -> list[tuple[Path, str]]:
             found.append((RunRecord(p, json.loads((p / "config.json").read_text()), []), ()))
         else:
             keys = vary_keys(read_sessions(p))
-            found += [(r, r.cell(keys)) for r in discover_runs(p)]
+            # routers without rows (cosine, kmeans, aoe) have no trajectory of R and φ to follow
+            found += [(r, r.cell(keys)) for r in discover_runs(p) if r.config["model"]["moe"]["router"]["kind"] in ROW_KINDS]
     if not found:
         raise FileNotFoundError(f"no run folders under {', '.join(paths)}")
     contexts = {r.run_dir: (r.config.get("preset", "?"), r.config["optim"]["name"], r.config["optim"].get("lr"), cell)

@@ -88,9 +88,9 @@ def alignment_summary(model: MoELM, whole: Callable[[MoE], ContextManager] | Non
     }
 
 
-def router_cost_ms(model: MoELM, tokens: int = 0, reps: int = 10) -> float:
+def router_cost_ms(model: MoELM, tokens: int = 0, reps: int = 10, amp: torch.dtype | None = None) -> float:
     """Median ms of every layer's router work forward + backward for `tokens` tokens (`MoE.router_work`):
-    the rows φ, the logits and the router's own losses (ERC, SimBal).
+    the rows φ, the logits and the router's own losses (ERC, SimBal), under the training's autocast `amp`.
 
     With tokens=0 it is the token-independent part alone: computing φ, which streams the expert gate
     weights and writes their gradient (the MPI overhead).
@@ -102,7 +102,8 @@ def router_cost_ms(model: MoELM, tokens: int = 0, reps: int = 10) -> float:
     timer = StepTimer(device)  # the same clock as the training step's (CUDA events on a GPU)
     for i in range(reps + 2):
         timer.start()
-        loss = sum(m.router_work(x_TD) for m in moes)
+        with autocast(device, amp), bf16_matmuls(device, amp):
+            loss = sum(m.router_work(x_TD) for m in moes)
         if loss.requires_grad:
             torch.autograd.grad(loss, params, allow_unused=True)
         timer.stop()

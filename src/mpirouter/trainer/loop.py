@@ -389,8 +389,8 @@ def _run(cfg: TrainConfig, data: TokenData, device: torch.device, ctx: DistConte
         step_times.extend(timer.read())
         med = statistics.median(step_times) if step_times else float("nan")
         if end_step == cfg.steps and step_times:
-            # a one-process measurement (sharded weights here), over the tokens of one step
-            router_ms = router_cost_ms(model, cfg.batch_size * cfg.grad_accum * cfg.context) if ctx is None else None
+            # a one-process measurement (sharded weights here), over the tokens of one micro-batch
+            router_ms = router_cost_ms(model, cfg.batch_size * cfg.context, amp=amp) if ctx is None else None
             if main:
                 metrics.write({"event": "timing", "step": end_step, "step_time_median_s": med,
                                "tokens_per_s": tokens_per_step / med, "router_ms": router_ms, "step_ms": 1000 * med})

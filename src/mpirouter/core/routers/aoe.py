@@ -30,7 +30,10 @@ def aoe_hidden(dim: int, hidden: int, low_rank: int) -> int:
 
 
 def aoe_scores(x_TD: torch.Tensor, w_in_ELD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits ‖A_i x_t‖₂ (T, E) in float32, cache A_i x_t (T, E, L) in x's dtype) for every expert."""
+    """(logits ‖A_i x_t‖₂ (T, E) in float32, cache A_i x_t (T, E, L)) for every expert.
+
+    The cache is the experts' own first matmul, so it runs at the experts' precision: under bf16 autocast it is
+    bf16, and the ranking norms are taken of it (upcast) rather than of a separate float32 product."""
     E, L, D = w_in_ELD.shape
     cache_TEL = (x_TD @ w_in_ELD.reshape(E * L, D).t()).view(-1, E, L)
     return torch.linalg.vector_norm(cache_TEL.float(), dim=-1), cache_TEL

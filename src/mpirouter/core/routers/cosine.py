@@ -30,7 +30,7 @@ def cosine_logits(x_TD: torch.Tensor, proj_PD: torch.Tensor, emb_EP: torch.Tenso
 
 
 class CosineRouter(nn.Module):
-    """Parameters: `proj` W (P, D), `weight` the expert embeddings e (E, P), `temperature` τ (a scalar).
+    """Parameters: `proj` W (P, D), `weight` the expert embeddings e (E, P), `temperature` τ (shape (1,)).
 
     `weight` is named as a linear router's R so the optimizer's router group treats both alike.
     """
@@ -43,7 +43,8 @@ class CosineRouter(nn.Module):
         self.dim, self.num_experts, self.cosine = dim, num_experts, config
         self.proj = nn.Parameter(torch.empty(config.dim, dim))
         self.weight = nn.Parameter(torch.empty(num_experts, config.dim))
-        self.temperature = nn.Parameter(torch.tensor(config.init_temperature))
+        # shape (1,), not a scalar: FSDP2's fully_shard refuses 0-dim parameters
+        self.temperature = nn.Parameter(torch.full((1,), config.init_temperature))
         self.reset_parameters()
 
     @torch.no_grad()

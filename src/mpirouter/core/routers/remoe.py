@@ -43,7 +43,8 @@ def remoe_l1(gates_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int, refined
     mean_E = gates_TE.float().sum(0) / max(T, 1)
     if not refined:
         return mean_E.sum()
-    total = torch.as_tensor(T if total_tokens is None else total_tokens, device=gates_TE.device).float().clamp_min(1)
+    total = max(T if total_tokens is None else total_tokens, 1) if not isinstance(total_tokens, torch.Tensor) \
+        else total_tokens.float().clamp_min(1)
     f_E = counts_E.detach().float() * E / (top_k * total)
     return (f_E * mean_E).sum()
 
@@ -55,4 +56,4 @@ def target_sparsity(num_experts: int, top_k: int) -> float:
 
 def l1_coef_step(coef: torch.Tensor, sparsity: torch.Tensor, target: float, alpha: float) -> torch.Tensor:
     """λ · α^sign(S_target − S) (ReMoE eq. 10): raise the penalty while too dense, lower it while too sparse."""
-    return coef * torch.pow(torch.as_tensor(alpha, dtype=coef.dtype, device=coef.device), torch.sign(target - sparsity))
+    return coef * torch.pow(alpha, torch.sign(target - sparsity)).to(coef.dtype)
