@@ -208,7 +208,7 @@ def _rng_devices(t: torch.Tensor) -> list:
 def _reseed_fork() -> None:
     """Inside a `fork_rng`: move to a stream of its own, derived from the current state. The fork starts where the
     global stream goes on, so drawing from it directly would repeat the next parameters' values (correlated weights)."""
-    torch.manual_seed((int(torch.randint(0, 2**62, ())) * 6364136223846793005 + 1442695040888963407) % 2**63)
+    torch.manual_seed((int(torch.randint(0, 2**62, (), device="cpu")) * 6364136223846793005 + 1442695040888963407) % 2**63)
 
 
 class MoE(nn.Module):
@@ -326,7 +326,7 @@ class MoE(nn.Module):
         if self.kind == "remoe":
             self.l1_coef.fill_(cfg.remoe.init_l1_coef)
         if cfg.erc.enabled:
-            self.erc_seed.fill_(int(torch.randint(0, 2**62, ())))
+            self.erc_seed.fill_(int(torch.randint(0, 2**62, (), device="cpu")))
             self.erc_step.zero_()
             self._erc_counter = None
 
