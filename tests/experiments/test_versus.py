@@ -113,3 +113,47 @@ def test_trajectory_refuses_routers_without_rows(kind):
     model = MoELM(preset_config("debug", moe=dict(router=RouterConfig(kind=kind))))
     with pytest.raises(ValueError, match=f"a '{kind}' router has none"):
         snapshot(model, 0)
+
+
+def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path, data, monkeypatch, capsys):
+    import mpirouter.experiments.compare as compare
+    from mpirouter.trainer.loop import NonFiniteLossError
+
+    real = compare.train
+
+    def train(config, **kw):  # cosine at the high lr blows up, as a too-high lr does
+        if config.model.moe.router.kind == "cosine" and config.optim.lr == 2e-2:
+            raise NonFiniteLossError("loss became nan at step 3; stopping.")
+        return real(config, **kw)
+
+    monkeypatch.setattr(compare, "train", train)
+    out = tmp_path / "zoo"
+    cfg = CompareConfig(routers=["linear", "cosine"], lrs=[1e-2, 2e-2], seeds=[0, 1], preset="debug", steps=4, batch_size=4,
+                        eval_every=2, eval_batches=1, out_dir=str(out), progress=False,
+                        overrides=["model.max_seq_len=32", "eval_batch_size=8"])
+    run_grid(cfg, data=data)
+    assert capsys.readouterr().out.count("diverged (loss became nan at step 3") == 2
+    marker = out / "debug" / "adamw-lr0.02" / "cosine" / "seed0" / "diverged.json"
+    assert marker.is_file() and '"step": 3' in marker.read_text()
+    assert (out / "debug" / "adamw-lr0.02" / "linear" / "seed1" / "metrics.jsonl").is_file()  # the grid went on
+    run_grid(cfg, data=data)  # a diverged run is a result: not retried
+    assert capsys.readouterr().out.count("diverged, skipped") == 2
+
+
+def test_an_lr_where_a_run_diverged_is_never_the_sweeps_best():
+    from mpirouter.experiments.report import summarize_sweep
+    from mpirouter.experiments.sweeps import format_sweep
+    from mpirouter.experiments.report import _diff_cell
+
+    def rec(router, seed, loss):
+        r = run(router, seed, loss)
+        r.diverged = loss is None
+        r.final = None if loss is None else r.final
+        return r
+
+    by_lr = {0.01: [rec("linear", s, 2.0) for s in range(3)] + [rec("cosine", s, 1.9) for s in range(3)],
+             0.02: [rec("linear", s, 2.1) for s in range(3)] + [rec("cosine", 0, None)] + [rec("cosine", s, 1.5) for s in (1, 2)]}
+    rows = {r["label"]: r for r in summarize_sweep(by_lr)}
+    assert rows["cosine"]["best_lr"] == 0.01  # 1.5 at 0.02 is lower, but a seed diverged there
+    assert rows["cosine"]["diverged"] == {0.02: 1} and rows["linear"]["diverged"] == {}
+    assert "1.5000 ± 0.0000 (n=2), 1 diverged" in format_sweep(list(rows.values()), _diff_cell)

@@ -30,6 +30,7 @@ import argparse
 import builtins
 import itertools
 import json
+import re
 import math
 import os
 import shlex
@@ -48,7 +49,7 @@ from ..trainer.checkpoint import resolve_checkpoint
 from ..trainer.config import TrainConfig, with_defaults
 from ..trainer.data import DataConfig, prepare_data
 from ..trainer.device import resolve_device
-from ..trainer.loop import train
+from ..trainer.loop import NonFiniteLossError, train
 from ..trainer.metrics import read_metrics
 from ..trainer.rundir import RunLockedError, check_not_locked, is_run_folder
 from ..trainer.schedule import ScheduleConfig
@@ -222,8 +223,15 @@ def grid_runs(cfg: CompareConfig) -> list[GridRun]:
     return runs
 
 
+DIVERGED = "diverged.json"
+"""Marker a grid leaves in a run folder whose loss or weights became non-finite: a result, not a run to retry."""
+
+
 def run_status(run_dir: Path, steps: int) -> tuple[str, int]:
-    """("done" | "partial" | "new", step reached): done = final step logged, partial = resumable checkpoint."""
+    """("done" | "diverged" | "partial" | "new", step reached): done = final step logged, diverged = stopped on a
+    non-finite loss (`DIVERGED`), partial = resumable checkpoint."""
+    if (run_dir / DIVERGED).is_file():
+        return "diverged", int(json.loads((run_dir / DIVERGED).read_text()).get("step", 0))
     records = read_metrics(run_dir)
     if any(r.get("event") == "timing" and r.get("step") == steps for r in records):
         return "done", steps
@@ -304,8 +312,8 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
     for i, run in enumerate(runs, 1):
         status, step, busy = agree(ctx, _status_and_lock(run) if main else None)
         head = f"run {i}/{len(runs)}: {run.label}"
-        if status == "done":
-            print(f"{head}: done, skipped", flush=True)
+        if status in ("done", "diverged"):
+            print(f"{head}: {status}, skipped", flush=True)
             continue
         if busy:  # another compare call (sharing the folder) is training it: its checkpoints are not ours to resume
             print(f"{head}: being trained by another process, skipped", flush=True)
@@ -325,6 +333,16 @@ def run_grid(cfg: CompareConfig, data=None, limit: int | None = None, command: s
             result = train(run.config, data=prepared[key], resume=status == "partial", force=status == "new")
         except RunLockedError:
             print(f"{head}: being trained by another process, skipped", flush=True)
+            continue
+        except NonFiniteLossError as e:  # a result of this setting (e.g. too high an lr): recorded, the grid goes on
+            if main:
+                at = re.search(r"at step (\d+)", str(e))
+                step = int(at.group(1)) if at else max((r.get("step", 0) for r in read_metrics(run.run_dir)), default=0)
+                run.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run.run_dir / DIVERGED, json.dumps({"step": step, "message": str(e)}, indent=2))
+                session.setdefault("runs_diverged", []).append(str(run.run_dir.relative_to(out)))
+                atomic_write_text(session_path, json.dumps(session, indent=2))
+            print(f"{head}: diverged ({e}); recorded in {DIVERGED}, the grid goes on", flush=True)
             continue
         times.append(time.perf_counter() - t0)
         trained += 1

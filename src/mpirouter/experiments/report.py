@@ -128,6 +128,11 @@ class RunRecord:
     records: list[dict]
 
     @property
+    def diverged(self) -> bool:
+        """The grid stopped this run on a non-finite loss (compare's marker): a result, left out of the tables."""
+        return (self.run_dir / "diverged.json").is_file()
+
+    @property
     def router(self) -> str:
         """The router's name: its kind, with the router losses it adds ("mpi+erc")."""
         r = self.config["model"]["moe"]["router"]
@@ -444,19 +449,29 @@ def summarize_sweep(by_lr: dict[float, list[RunRecord]]) -> list[dict]:
     difference to linear with every variant at its own best lr (the fair tuned comparison), with its
     t-test "p" ("p_holm" is left to `adjust_comparisons`)."""
     finals: dict[str, dict[float, dict[int, float]]] = {}
+    diverged: dict[str, dict[float, int]] = {}
     keys = {}
     for lr, runs in by_lr.items():
         for r in runs:
+            if r.final is None and r.diverged:
+                label = variant_label(*r.variant)
+                keys[label] = variant_order(*r.variant)
+                finals.setdefault(label, {})
+                diverged.setdefault(label, {}).setdefault(lr, 0)
+                diverged[label][lr] += 1
             if r.final is not None:
                 label = variant_label(*r.variant)
                 keys[label] = variant_order(*r.variant)
                 finals.setdefault(label, {}).setdefault(lr, {})[r.config["seed"]] = r.final["val_loss"]
-    best = {label: min(per_lr, key=lambda lr: mean_std(list(per_lr[lr].values()))[0]) for label, per_lr in finals.items()}
+    # an lr at which a seed diverged is never the best (its mean would hide the divergence)
+    best = {label: min(per_lr, key=lambda lr: math.inf if diverged.get(label, {}).get(lr) else mean_std(list(per_lr[lr].values()))[0])
+            for label, per_lr in finals.items() if per_lr}
     rows = []
-    for label in sorted(finals, key=keys.get):
+    for label in sorted(best, key=keys.get):  # (a router whose every run diverged has no best lr: listed, not a row)
         per_lr = finals[label]
         row = {"label": label, "by_lr": {lr: [*mean_std(list(v.values())), len(v)] for lr, v in sorted(per_lr.items())},
-               "best_lr": best[label], "diff": None, "diff_n": 0, "p": None, "p_holm": None}
+               "best_lr": best[label], "diff": None, "diff_n": 0, "p": None, "p_holm": None,
+               "diverged": dict(sorted(diverged.get(label, {}).items()))}
         if label != "linear" and "linear" in finals:
             mine, base = per_lr[best[label]], finals["linear"][best["linear"]]
             diffs = [mine[s] - base[s] for s in sorted(set(mine) & set(base))]
@@ -550,7 +565,11 @@ def write_report(out_dir: str | Path) -> Path:
             continue  # a call that found everything done
         lines.append(f"- trained {len(s.get('runs_trained', []))} run(s): `{s.get('command', '?')}` · {describe(s)}")
     lines.append(f"- report: `mpirouter compare --out {shlex.quote(str(out))} --report-only` · {describe(now)}")
-    unfinished = [r for r in runs if r.final is None]
+    diverged = [r for r in runs if r.final is None and r.diverged]
+    if diverged:
+        lines.append(f"- **diverged runs (non-finite loss; left out of the tables, and an lr where one diverged is never a "
+                     f"sweep's best):** " + ", ".join(f"`{r.run_dir.relative_to(out)}`" for r in diverged))
+    unfinished = [r for r in runs if r.final is None and not r.diverged]
     if unfinished:
         lines.append(f"- **incomplete runs (left out of the table):** " + ", ".join(f"`{r.run_dir.relative_to(out)}`" for r in unfinished))
     for sw in sweeps:

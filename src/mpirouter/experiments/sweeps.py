@@ -21,6 +21,8 @@ def format_sweep(rows: list[dict], diff_cell) -> str:
         for lr in lrs:
             m, sd, n = r["by_lr"].get(lr, (None, None, 0))
             text = "–" if m is None else f"{m:.4f} ± {sd:.4f} (n={n})"
+            if r.get("diverged", {}).get(lr):
+                text += f", {r['diverged'][lr]} diverged"
             cells.append(f"**{text}**" if lr == r["best_lr"] else text)
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['best_lr']:g} | {diff_cell(r)} |")
     return "\n".join(lines)
@@ -28,7 +30,8 @@ def format_sweep(rows: list[dict], diff_cell) -> str:
 
 SWEEP_NOTES = f"""\
 Cells: final validation loss, mean ± std over seeds, at each peak lr (same steps and tokens for every
-cell). Each router's best lr (bold) is the one with the lowest mean; Δ pairs each seed of that router at
+cell); "k diverged": runs stopped on a non-finite loss, left out of the mean. Each router's best lr (bold) is
+the one with the lowest mean among the lrs where no run diverged; Δ pairs each seed of that router at
 its best lr with the same seed of linear at linear's best lr (95% paired t-interval, unadjusted; p_Holm
 and {MARK} as in the section tables, adjusted over all N comparisons of the report). Picking the best of
 several settings on the same seeds is optimistic, and a router swept over more settings (several C') gets
