@@ -423,3 +423,16 @@ def test_erc_noise_is_fixed_within_a_step_and_redrawn_after_it():
     quiet = m(x).stats.router_loss.item()
     m.post_step()
     assert m(x).stats.router_loss.item() == quiet
+
+
+def test_cosine_loads_weights_saved_with_a_scalar_temperature():
+    """Checkpoints from before the temperature became shape (1,) (FSDP2 refuses scalar parameters) still load."""
+    torch.manual_seed(0)
+    old = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8, router=RouterConfig(kind="cosine")))
+    state = {k: (v.reshape(()) if k.endswith("temperature") else v) for k, v in old.state_dict().items()}
+    assert state["router.temperature"].dim() == 0
+    new = MoE(16, MoEConfig(num_experts=4, top_k=2, hidden=8, router=RouterConfig(kind="cosine")))
+    with torch.no_grad():
+        new.router.temperature.fill_(0.5)
+    new.load_state_dict(state)
+    assert new.router.temperature.shape == (1,) and torch.equal(new.router.temperature, old.router.temperature)

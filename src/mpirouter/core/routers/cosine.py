@@ -54,6 +54,13 @@ class CosineRouter(nn.Module):
         nn.init.orthogonal_(self.weight, gain=0.1)
         self.temperature.fill_(self.cosine.init_temperature)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the temperature became shape (1,) (commits cf3feec..a852a61) hold a scalar
+        key = prefix + "temperature"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x_TD: torch.Tensor, rows_ED: torch.Tensor | None = None) -> torch.Tensor:
         if x_TD.dim() != 2 or x_TD.shape[-1] != self.dim:
             raise ValueError(f"CosineRouter expects x of shape (tokens, dim={self.dim}), got {tuple(x_TD.shape)}")
