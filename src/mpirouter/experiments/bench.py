@@ -503,7 +503,7 @@ def run_bench(shapes: list[str] | None = None, reps: int = 5, repeat: int = 3, r
     use_device(dev)  # CUDA events and syncs act on the current device: with --device cuda:1, make it cuda:1
     env = environment(str(dev))
     preset_arg = router_preset or "''"
-    command = (f"mpirouter bench --device {dev} --precision {precision} --shapes {','.join(shapes)} --reps {reps} "
+    command = (f"mpirouter bench --device {dev} --precision {precision} --shapes {','.join(shapes) or chr(39) * 2} --reps {reps} "
                f"--repeat {repeat} --router-preset {preset_arg}" + (f" --step-presets {','.join(step_presets) or chr(39) * 2}" if amp else "")
                + (" --torch-bf16-kernels" if torch_bf16_kernels else "") + (f" --step-optimizer {step_optimizer}" if amp else "")
                + (f" --designs {','.join(designs)} --designs-preset {designs_preset}" if designs else ""))
