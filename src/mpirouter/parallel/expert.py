@@ -166,9 +166,8 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> ExpertParallel:
         check_expert_split(moe.config.num_experts, ep_mesh.size())
         router = moe.config.router
         if router.kind not in MPI_FAMILY or router.addons:
-            name = router.kind + "".join(f"+{a}" for a in router.addons)
             raise ValueError(f"expert parallelism serves the routers {', '.join(MPI_FAMILY)} without added losses; "
-                             f"router {name!r} needs every expert on each rank (train it with ep=1)")
+                             f"router {router.name!r} needs every expert on each rank (train it with ep=1)")
     plan = ExpertParallel(ep_mesh, dp_group)
     for _, moe in layers:
         for owner, attr in ((moe, "w_gate"), (moe, "w_up"), (moe, "w_down"), (moe.router, "weight")):

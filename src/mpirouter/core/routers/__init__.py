@@ -3,7 +3,6 @@
 from .aoe import AoERouter, aoe_hidden, aoe_low_rank, aoe_scores
 from .config import (
     ADDONS,
-    FOLDABLE_KINDS,
     POWER_TARGETS,
     ROUTER_KINDS,
     ROW_KINDS,

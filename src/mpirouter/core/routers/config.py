@@ -23,7 +23,6 @@ POWER_TARGETS: tuple[str, ...] = get_args(PowerTarget)
 ROW_KINDS: tuple[str, ...] = (*MPI_FAMILY, "svd", "remoe")
 """Kinds whose logits are x·φᵀ with rows φ (E, D) made from R (and the experts): `Router` serves them,
 `export` folds them (remoe keeps its ReLU gate, which the folded rows feed unchanged)."""
-FOLDABLE_KINDS: tuple[str, ...] = ROW_KINDS
 UNFOLDABLE_WHY: dict[str, str] = {
     "cosine": "its logits cos(Wx, e_i)/τ normalize each token, which no linear router reproduces",
     "kmeans": "its logits are cosines of normalized tokens with the centroids, which no linear router reproduces",
@@ -182,6 +181,11 @@ class RouterConfig:
     def addons(self) -> tuple[str, ...]:
         """The router losses switched on (erc, simbal)."""
         return tuple(a for a in ADDONS if getattr(self, a).enabled)
+
+    @property
+    def name(self) -> str:
+        """The router's name as `compare --routers` writes it: the kind, with the losses added ("mpi+erc")."""
+        return self.kind + "".join(f"+{a}" for a in self.addons)
 
 
 def parse_router_name(name: str) -> tuple[str, tuple[str, ...]]:
