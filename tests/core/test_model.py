@@ -33,6 +33,17 @@ def test_active_parameters_count_only_top_k_experts():
     inactive = c.n_layers * expert_per_layer * (c.moe.num_experts - c.moe.top_k) // c.moe.num_experts
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["active"] == counts["total"] - inactive
+    assert counts["active_non_embedding"] == counts["active"] - 2 * c.vocab_size * c.dim
+
+
+@pytest.mark.parametrize("name, millions", [("cpu-440k", 0.44), ("cpu-1.7m", 1.7)])
+def test_ladder_presets_are_named_for_their_active_non_embedding_size(name, millions):
+    cfg = preset_config(name)
+    attention, experts = 4 * cfg.dim**2, 3 * cfg.moe.top_k * cfg.dim * cfg.moe.hidden
+    router_and_norms = cfg.moe.num_experts * cfg.dim + 2 * cfg.dim
+    n = MoELM(cfg).num_params()["active_non_embedding"]
+    assert n == cfg.n_layers * (attention + experts + router_and_norms) + cfg.dim  # + the final norm
+    assert abs(n / 1e6 - millions) / millions < 0.05
 
 
 def test_dense_first_layers_and_tied_embeddings():
@@ -41,6 +52,7 @@ def test_dense_first_layers_and_tied_embeddings():
     assert model.head.weight is model.tok_emb.weight
     assert len(model(torch.randint(0, 256, (1, 8))).moe_stats) == 1
     assert model.num_params()["total"] == sum(p.numel() for p in model.parameters())  # tied counted once
+    assert model.num_params()["active_non_embedding"] == model.num_params()["active"] - model.config.vocab_size * model.config.dim
 
 
 @pytest.mark.parametrize(

@@ -67,12 +67,17 @@ class ModelConfig:
 
 
 # Named model sizes. `tiny` trains in a few minutes on 2 CPU cores; `medium`/`large` are for a GPU.
+# The `cpu-*` presets are rungs of the CPU scale ladder (results/ladder/PLAN.md), named for their
+# active non-embedding parameters (`MoELM.num_params()["active_non_embedding"]`): 0.44 M and 1.66 M,
+# beside `debug` (0.082 M) and `tiny` (1.05 M); byte vocabulary, 8 experts top-2 like `tiny`.
 PRESETS: dict[str, dict] = {
     "debug": dict(dim=64, n_layers=2, n_heads=2, max_seq_len=64, moe=dict(num_experts=4, top_k=2, hidden=64)),
     "tiny": dict(dim=128, n_layers=4, n_heads=4, max_seq_len=128, moe=dict(num_experts=8, top_k=2, hidden=256)),
     "small": dict(dim=256, n_layers=6, n_heads=8, max_seq_len=256, moe=dict(num_experts=16, top_k=2, hidden=512)),
     "medium": dict(dim=512, n_layers=8, n_heads=8, max_seq_len=512, moe=dict(num_experts=32, top_k=4, hidden=512)),
     "large": dict(dim=1024, n_layers=16, n_heads=16, max_seq_len=1024, moe=dict(num_experts=64, top_k=8, hidden=512)),
+    "cpu-440k": dict(dim=96, n_layers=3, n_heads=3, max_seq_len=128, moe=dict(num_experts=8, top_k=2, hidden=192)),
+    "cpu-1.7m": dict(dim=144, n_layers=5, n_heads=4, max_seq_len=128, moe=dict(num_experts=8, top_k=2, hidden=288)),
 }
 
 
@@ -253,14 +258,19 @@ class MoELM(nn.Module):
             self.config = dataclasses.replace(self.config, moe=layers[0].config)
 
     def num_params(self) -> dict[str, int]:
-        """Total and active (per token) parameter counts; shared tied weights counted once."""
-        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        """Total and active (per token) parameter counts; shared tied weights counted once.
+
+        active_non_embedding leaves out the token embedding and the output head (Kaplan et al.'s
+        N, the size axis of the scale ladder)."""
+        unique = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in unique.values())
         inactive = 0
         for moe in self.moe_layers():
             E, K = moe.config.num_experts, moe.config.top_k
             expert = moe.w_gate.numel() + moe.w_up.numel() + moe.w_down.numel()
             inactive += expert * (E - K) // E
-        return {"total": total, "active": total - inactive}
+        embedding = sum(p.numel() for p in {id(p): p for p in (self.tok_emb.weight, self.head.weight)}.values())
+        return {"total": total, "active": total - inactive, "active_non_embedding": total - inactive - embedding}
 
     @torch.no_grad()
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
