@@ -1,4 +1,4 @@
-"""The `mpirouter` command line: train, sample, export, inspect, bench, demo, compare, trajectory.
+"""The `mpirouter` command line: train, sample, export, inspect, bench, demo, compare, trajectory, ladder.
 
     mpirouter train --preset tiny --router mpi --steps 500 --out runs/tiny-mpi
     mpirouter sample runs/tiny-mpi --prompt "ROMEO." --tokens 200
@@ -7,6 +7,7 @@
     mpirouter bench
     mpirouter demo
     mpirouter compare --routers linear,mpi --seeds 0,1,2 --out runs/compare
+    mpirouter ladder --out results/ladder
 
 Flags map onto the config dataclasses (`trainer/config.py` and the configs it nests); any field is reachable with
 `--set section.field=value` (e.g. `--set model.moe.top_k=4 --set schedule.kind=wsd`). Bad input
@@ -265,6 +266,16 @@ def cmd_trajectory(args) -> int:
     return cli_main(args)
 
 
+def cmd_ladder(args) -> int:
+    """mpirouter ladder --out results/ladder
+
+    The scale ladder's report: each router against linear on every rung (<out>/<rung>/confirm), and the trend over size.
+    """
+    from .experiments.ladder import cli_main
+
+    return cli_main(args)
+
+
 def cmd_prepare_data(args) -> int:
     """mpirouter prepare-data --out data/shakespeare-bpe --tokenizer bpe
 
@@ -418,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr = add("trajectory", cmd_trajectory, "where alignment comes from: R and the experts' top directions over checkpoints")
     trajectory_arguments(tr)
     tr.set_defaults(func=cmd_trajectory)
+
+    from .experiments.ladder import add_arguments as ladder_arguments
+
+    la = add("ladder", cmd_ladder, "the scale ladder's report: Δ vs linear per model size and its trend (ladder.md)")
+    ladder_arguments(la)
+    la.set_defaults(func=cmd_ladder)
 
     from .trainer.data import DataConfig
 

@@ -147,6 +147,35 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def weighted_slope(xs: Sequence[float], means: Sequence[float], ses: Sequence[float], df: float, level: float = 0.95) -> dict:
+    """Fixed-effect meta-regression of `means` on `xs` with inverse-variance weights w = 1/se², e.g. the
+    scale ladder's mean Δ per rung against log10 N (results/ladder/PLAN.md).
+
+    slope β = Σ w (x − x̄)(y − ȳ) / Σ w (x − x̄)², x̄ and ȳ the w-weighted means; SE(β) = (Σ w (x − x̄)²)^−½;
+    the interval β ± t_{(1+level)/2, df}·SE and the two-sided p of β = 0 use Student's t with `df` degrees
+    of freedom (the plan: the smallest rung's n − 1, since each se is estimated). "q" = Σ w (y − fit)², the
+    residual heterogeneity (about len(xs) − 2 when the line fits within the errors). Returns slope, se, lo,
+    hi, p, intercept (at x = 0), q.
+    """
+    if not (len(xs) == len(means) == len(ses)) or len(xs) < 3:
+        raise ValueError(f"weighted_slope needs at least 3 points of equal length lists, got {len(xs)}, {len(means)}, {len(ses)}")
+    if any(not se > 0 for se in ses) or not df > 0:
+        raise ValueError(f"standard errors and df must be > 0, got {list(ses)}, df={df}")
+    w = [1.0 / se**2 for se in ses]
+    x_bar = sum(wi * x for wi, x in zip(w, xs)) / sum(w)
+    y_bar = sum(wi * y for wi, y in zip(w, means)) / sum(w)
+    sxx = sum(wi * (x - x_bar) ** 2 for wi, x in zip(w, xs))
+    if not sxx > 0:
+        raise ValueError("weighted_slope needs at least two distinct x values")
+    slope = sum(wi * (x - x_bar) * (y - y_bar) for wi, x, y in zip(w, xs, means)) / sxx
+    se = 1.0 / math.sqrt(sxx)
+    half = t_quantile(0.5 + level / 2.0, df) * se
+    intercept = y_bar - slope * x_bar
+    q = sum(wi * (y - intercept - slope * x) ** 2 for wi, x, y in zip(w, xs, means))
+    p = min(1.0, 2.0 * t_cdf(-abs(slope / se), df))
+    return {"slope": slope, "se": se, "lo": slope - half, "hi": slope + half, "p": p, "intercept": intercept, "q": q}
+
+
 def ratio_ci(ratios: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
     """(geometric mean, lo, hi) of positive ratios: `paired_ci` of their logs, exponentiated.
 

@@ -1,0 +1,106 @@
+"""The scale ladder's report (experiments/ladder.py) and its trend statistic, on run folders written here."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mpirouter.core.model import MoELM, preset_config
+from mpirouter.experiments.ladder import MD, TITLE, build_ladder, write_ladder
+from mpirouter.experiments.stats import holm, paired_t_pvalue, t_quantile, weighted_slope
+
+DIMS = {"small-rung": 32, "mid-rung": 64, "big-rung": 128}
+
+
+def test_weighted_slope_matches_float64_weighted_least_squares():
+    rng = np.random.default_rng(0)
+    x, se = np.log10([8e4, 4e5, 1e6, 1.7e6]), np.array([0.004, 0.006, 0.005, 0.008])
+    y = -0.03 + 0.01 * x + rng.normal(0, 0.005, 4)
+    fit = weighted_slope(x.tolist(), y.tolist(), se.tolist(), df=9)
+    (slope, intercept), cov = np.polyfit(x, y, 1, w=1 / se, cov="unscaled")  # polyfit weights residuals: w = 1/se
+    assert fit["slope"] == pytest.approx(slope, rel=1e-10) and fit["intercept"] == pytest.approx(intercept, rel=1e-10)
+    assert fit["se"] == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-10)
+    assert fit["hi"] - fit["slope"] == pytest.approx(t_quantile(0.975, 9) * fit["se"])
+    assert fit["q"] == pytest.approx(float(np.sum(((y - intercept - slope * x) / se) ** 2)), rel=1e-10)
+
+
+def test_weighted_slope_of_points_on_a_line():
+    fit = weighted_slope([0.0, 1.0, 2.0], [1.0, 3.0, 5.0], [0.1, 0.2, 0.1], df=5)
+    assert fit["slope"] == pytest.approx(2.0) and fit["q"] == pytest.approx(0.0, abs=1e-18)
+    assert fit["se"] == pytest.approx(200 ** -0.5) and fit["p"] < 1e-5  # weights 100, 25, 100 about x̄ = 1
+
+
+@pytest.mark.parametrize("xs, ses, df, message", [([0.0, 1.0], [0.1, 0.1], 3, "at least 3"),
+                                                  ([0.0, 1.0, 2.0], [0.1, 0.0, 0.1], 3, "must be > 0"),
+                                                  ([1.0, 1.0, 1.0], [0.1, 0.1, 0.1], 3, "two distinct")],
+                         ids=["two-points", "zero-se", "one-x"])
+def test_weighted_slope_refuses_what_it_cannot_fit(xs, ses, df, message):
+    with pytest.raises(ValueError, match=message):
+        weighted_slope(xs, [0.0] * len(xs), ses, df=df)
+
+
+def write_run(folder, rung, router, cell, seed, loss, lr=0.01, maxvio=0.1):
+    cfg = preset_config("debug", dim=DIMS[rung])
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, balance=cell, router=dataclasses.replace(cfg.moe.router, kind=router)))
+    run = folder / rung / "confirm" / rung / cell / router / f"seed{seed}"
+    run.mkdir(parents=True)
+    config = {"model": dataclasses.asdict(cfg), "optim": {"lr": lr}, "preset": rung, "steps": 10, "batch_size": 2,
+              "grad_accum": 1, "seq_len": None, "seed": seed, "eval_batches": None}
+    (run / "config.json").write_text(json.dumps(config))
+    evals = [{"event": "eval", "step": s, "tokens": s * 128, "val_loss": loss + (10 - s) * 0.1, "maxvio": maxvio, "align": 0.5}
+             for s in (5, 10)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+
+
+# Δ (mpi − linear) per rung and cell: a line in log10 N under bias, a constant under aux, plus seed noise
+NOISE = [0.004, -0.003, 0.001, -0.002]
+
+
+def ladder_folder(tmp_path, slope=0.01):
+    ns = {rung: MoELM(preset_config("debug", dim=d)).num_params()["active_non_embedding"] for rung, d in DIMS.items()}
+    for rung in DIMS:
+        for seed, noise in enumerate(NOISE):
+            base = 2.0 + 0.01 * seed
+            for cell, delta in (("bias", -0.05 + slope * math.log10(ns[rung]) + noise), ("aux", 0.002 + noise / 2)):
+                write_run(tmp_path, rung, "linear", cell, seed, base)
+                write_run(tmp_path, rung, "mpi", cell, seed, base + delta, lr=0.02)
+    return ns
+
+
+def test_ladder_pairs_each_rung_and_fits_the_trend(tmp_path):
+    ns = ladder_folder(tmp_path)
+    summary = build_ladder(tmp_path)
+    assert [r["rung"] for r in summary["ladder"]] == ["small-rung", "mid-rung", "big-rung"]  # sorted by N
+    assert len(summary["rows"]) == 6 and len(summary["trends"]) == 2 and summary["comparisons"] == 8
+    bias = {r["rung"]: r for r in summary["rows"] if r["cell"] == "bias"}
+    for rung, row in bias.items():
+        assert row["n"] == ns[rung] and row["lr"] == 0.02 and row["lr_linear"] == 0.01
+        expected = [-0.05 + 0.01 * math.log10(ns[rung]) + e for e in NOISE]
+        assert row["diff"][0] == pytest.approx(np.mean(expected), abs=1e-12)
+        assert row["p"] == pytest.approx(paired_t_pvalue(expected), rel=1e-6)
+    trend = {t["cell"]: t for t in summary["trends"]}
+    assert trend["bias"]["slope"] == pytest.approx(0.01, abs=1e-9)  # the same noise on every rung: the means lie on the line
+    assert abs(trend["aux"]["slope"]) < 1e-9
+    tested = summary["rows"] + summary["trends"]
+    assert [r["p_holm"] for r in tested] == pytest.approx(holm([r["p"] for r in tested]))
+
+
+def test_ladder_report_is_written_and_rewritten_but_never_over_a_foreign_file(tmp_path):
+    ladder_folder(tmp_path)
+    path = write_ladder(tmp_path, "mpirouter ladder --out x")
+    text = path.read_text()
+    assert text.startswith(TITLE) and "This report makes 8 comparisons" in text and "| mpi C'=1 | bias |" in text
+    assert write_ladder(tmp_path, "mpirouter ladder --out x") == path  # its own files are replaced
+    (tmp_path / MD).write_text("my notes\n")
+    with pytest.raises(FileExistsError, match="was not written by mpirouter ladder"):
+        write_ladder(tmp_path, "mpirouter ladder --out x")
+    assert (tmp_path / MD).read_text() == "my notes\n"
+
+
+def test_ladder_refuses_a_rung_with_two_lrs_for_one_router(tmp_path):
+    ladder_folder(tmp_path)
+    write_run(tmp_path, "mid-rung", "mpi", "bias", 9, 2.0, lr=0.04)
+    with pytest.raises(ValueError, match="mpi C'=1 under balance=bias ran at several lrs"):
+        build_ladder(tmp_path)
