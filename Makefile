@@ -45,7 +45,7 @@ demo: setup
 	$(VENV)/bin/mpirouter demo
 
 test: setup $(TITAN_STAMP) $(MEGATRON_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: setup
 	$(VENV)/bin/mpirouter bench

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # bash results/ladder/run.sh sweep RUNG | confirm RUNG LR_LINEAR LR_MPI
+# (sweep: LRS=a,b,c and ROUTERS=linear|mpi narrow the default grid, e.g. for cpu-1.7m's per-router lrs)
 #
 # The scale ladder's grids (results/ladder/PLAN.md): every rung trains 1 token per active
 # non-embedding parameter, 8 sequences per step, warmup 10% of the steps, fp32, and is run as two
@@ -25,8 +26,8 @@ two() {  # the same compare call in two one-thread processes
 }
 case $stage in
   sweep)
-    lrs=${LRS:-0.003,0.006,0.012,0.024}
-    two --routers linear,mpi --seeds 1000,1001 --lr "$lrs" --vary model.moe.balance=bias --out results/ladder/$rung/sweep "${common[@]}" ;;
+    lrs=${LRS:-0.003,0.006,0.012,0.024}; routers=${ROUTERS:-linear,mpi}  # cpu-1.7m: one call per router
+    two --routers $routers --seeds 1000,1001 --lr "$lrs" --vary model.moe.balance=bias --out results/ladder/$rung/sweep "${common[@]}" ;;
   confirm)
     lr_linear=${3:?lr of linear}; lr_mpi=${4:?lr of mpi}
     zoo=""; case $rung in debug|cpu-440k) zoo=",linear+erc" ;; esac
