@@ -19,10 +19,11 @@ case $rung in  # preset: steps, warmup, eval-every (steps = N_active_non_embeddi
 esac
 common=(--preset "$rung" --steps $steps --batch-size 8 --warmup-steps $warmup --eval-every $every
         --eval-batches 16 --optimizers adamw --scales 1 --no-progress)
-two() {  # the same compare call in two one-thread processes
+two() {  # the same compare call in two one-thread processes; fails, after both end, if either failed
   OMP_NUM_THREADS=1 mpirouter compare "$@" & a=$!
   sleep 5; OMP_NUM_THREADS=1 mpirouter compare "$@" & b=$!
-  wait $a; wait $b
+  rc=0; wait $a || rc=$?; wait $b || rc=$?
+  return $rc
 }
 case $stage in
   sweep)

@@ -7,7 +7,7 @@
     mpirouter bench
     mpirouter demo
     mpirouter compare --routers linear,mpi --seeds 0,1,2 --out runs/compare
-    mpirouter ladder --out results/ladder
+    mpirouter ladder --out results/ladder --rungs debug,cpu-440k,tiny,cpu-1.7m
 
 Flags map onto the config dataclasses (`trainer/config.py` and the configs it nests); any field is reachable with
 `--set section.field=value` (e.g. `--set model.moe.top_k=4 --set schedule.kind=wsd`). Bad input

@@ -3,12 +3,14 @@
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from mpirouter.core.model import MoELM, preset_config
-from mpirouter.experiments.ladder import MD, TITLE, build_ladder, write_ladder
+from mpirouter.experiments.ladder import JSON, MD, TITLE, IncompleteLadder, build_ladder, format_ladder, write_ladder
 from mpirouter.experiments.stats import holm, paired_t_pvalue, t_quantile, weighted_slope
 
 DIMS = {"small-rung": 32, "mid-rung": 64, "big-rung": 128}
@@ -104,3 +106,79 @@ def test_ladder_refuses_a_rung_with_two_lrs_for_one_router(tmp_path):
     write_run(tmp_path, "mid-rung", "mpi", "bias", 9, 2.0, lr=0.04)
     with pytest.raises(ValueError, match="mpi C'=1 under balance=bias ran at several lrs"):
         build_ladder(tmp_path)
+
+
+def test_weighted_slope_refuses_non_finite_inputs():
+    with pytest.raises(ValueError, match="finite inputs"):
+        weighted_slope([0.0, 1.0, 2.0], [0.0, math.nan, 0.0], [0.1, 0.1, 0.1], df=3)
+
+
+def test_ladder_refuses_an_incomplete_ladder_unless_partial(tmp_path):
+    ladder_folder(tmp_path)
+    (tmp_path / "mid-rung" / "confirm" / "mid-rung" / "bias" / "mpi" / "seed3" / "metrics.jsonl").write_text(
+        json.dumps({"event": "eval", "step": 5, "tokens": 640, "val_loss": 2.5}) + "\n")  # stopped halfway
+    session = {"command": "mpirouter compare ...", "config": {"routers": ["linear", "mpi"], "seeds": [0, 1, 2, 3, 4], "preset": "debug",
+                                                               "vary": {"model.moe.balance": ["bias", "aux"]}, "lrs": [0.01]}}
+    (tmp_path / "big-rung" / "confirm" / "sessions").mkdir()
+    (tmp_path / "big-rung" / "confirm" / "sessions" / "a.json").write_text(json.dumps(session))
+    with pytest.raises(IncompleteLadder) as info:
+        build_ladder(tmp_path, expect=["small-rung", "mid-rung", "big-rung", "top-rung"])
+    message = str(info.value)
+    assert "rung top-rung has no finished runs" in message and "--partial" in message
+    assert "big-rung: 4 planned run(s) not finished, e.g. linear seed 4 (balance=aux)" in message  # seed 4 of both routers, both cells
+    assert "mid-rung: 1 planned run(s) not finished, e.g. mid-rung/bias/mpi/seed3 (stopped before its last step)" in message
+    summary = build_ladder(tmp_path, expect=["small-rung", "mid-rung", "big-rung", "top-rung"], partial=True)
+    assert len(summary["incomplete"]) == 3
+    mid = next(r for r in summary["rows"] if r["rung"] == "mid-rung" and r["cell"] == "bias")
+    assert mid["seeds"] == [0, 1, 2]  # the unfinished seed 3 is left out of the pairs
+    assert summary["trends"] == []  # a trend needs every rung of the ladder, and top-rung has none
+    text = write_ladder(tmp_path, "mpirouter ladder --out x --partial", partial=True).read_text()
+    assert "**Interim report: the ladder is incomplete**" in text
+
+
+def test_ladder_keeps_a_router_that_diverged_on_every_seed(tmp_path):
+    ladder_folder(tmp_path)
+    for seed in range(len(NOISE)):
+        (tmp_path / "mid-rung" / "confirm" / "mid-rung" / "aux" / "mpi" / f"seed{seed}" / "diverged.json").write_text('{"step": 3}')
+    run = tmp_path / "small-rung" / "confirm" / "small-rung" / "bias" / "mpi" / "seed0"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records[-1]["val_loss"] = math.nan  # non-finite at the end without compare's marker: diverged all the same
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = build_ladder(tmp_path)
+    mid_aux = next(r for r in summary["rows"] if (r["rung"], r["cell"]) == ("mid-rung", "aux"))
+    assert mid_aux["diff"] is None and mid_aux["p"] is None and mid_aux["diverged"] == [0, 1, 2, 3]
+    small_bias = next(r for r in summary["rows"] if (r["rung"], r["cell"]) == ("small-rung", "bias"))
+    assert small_bias["seeds"] == [1, 2, 3] and small_bias["diverged"] == [0]
+    assert [t["cell"] for t in summary["trends"]] == ["bias"] and summary["comparisons"] == 5 + 1
+    assert "no seed with both runs finite: no test" in format_ladder(summary, "x")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(batch_size=4), "mixes training budgets"),
+    (lambda c: c.pop("seed"), "lacks seed"),
+], ids=["other-batch", "missing-seed"])
+def test_ladder_refuses_runs_that_are_not_one_rung(tmp_path, change, message):
+    ladder_folder(tmp_path)
+    path = tmp_path / "big-rung" / "confirm" / "big-rung" / "aux" / "linear" / "seed2" / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        build_ladder(tmp_path)
+
+
+def test_ladder_refuses_two_runs_of_one_seed(tmp_path):
+    ladder_folder(tmp_path)
+    write_run(tmp_path / "big-rung" / "confirm" / "again", "big-rung", "mpi", "bias", 1, 2.0, lr=0.02)
+    with pytest.raises(ValueError, match="two runs of mpi C'=1 seed 1 under balance=bias"):
+        build_ladder(tmp_path)
+
+
+def test_ladder_cli_names_the_problem_in_one_line(tmp_path):
+    ladder_folder(tmp_path)
+    (tmp_path / JSON).write_text('{"ladder": "mine"}')  # a file merely naming the key is not ours
+    result = subprocess.run([sys.executable, "-m", "mpirouter", "ladder", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "was not written by mpirouter ladder" in result.stderr.strip().splitlines()[-1]
+    result = subprocess.run([sys.executable, "-m", "mpirouter", "ladder", "--out", str(tmp_path / "none")], capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a folder" in result.stderr

@@ -1,15 +1,19 @@
 """The scale ladder's report: each router against linear on every model size, and how the difference moves with size.
 
-    mpirouter ladder --out results/ladder
+    mpirouter ladder --out results/ladder --rungs debug,cpu-440k,tiny,cpu-1.7m
 
 Reads every rung's compare folder, `<out>/<rung>/confirm` (one model preset each, every router at its
 own lr), and per rung and `model.moe.balance` cell pairs each router with linear over seeds: Δ final
 whole-split validation loss (95% paired t-interval, two-sided paired t-test), tokens to linear's final
-loss, MaxVio and alignment. Per router and cell with three rungs or more, the trend of Δ over
+loss, MaxVio and alignment. Per router and cell tested on every rung (three or more), the trend of Δ over
 x = log10 N (N: active non-embedding parameters) is a fixed-effect meta-regression (`stats.weighted_slope`,
 weights n/sd², t with the smallest rung's n − 1 degrees of freedom). Every Δ and every trend is one
 comparison of one Holm family (results/ladder/PLAN.md). Writes ladder.md, ladder.json and ladder.png
 into --out; those three are replaced only when this command wrote them.
+
+The report is the plan's only when the ladder is complete: every run each rung's compare calls asked for
+(their `sessions/*.json`) finished or diverged, and every rung named by --rungs present. Otherwise it
+refuses, naming what is missing, unless --partial asks for an interim report, marked as one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..common.config import from_dict
 from ..common.files import atomic_write_text
 from ..common.provenance import describe
 from ..core.model import ModelConfig, MoELM
+from .compare import CompareConfig, grid_runs
 from .plots import pyplot, save_figure
 from .report import RunRecord, discover_runs, paired_speedup, read_sessions, variant_label, variant_order
 from .stats import ALPHA, MARK, holm, mean_std, paired_ci, paired_t_pvalue, weighted_slope
@@ -38,9 +43,10 @@ def _ours(path: Path) -> bool:
         return path.read_text(errors="replace").startswith(TITLE)
     if path.suffix == ".json":
         try:
-            return "ladder" in json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except ValueError:
             return False
+        return isinstance(data, dict) and {"ladder", "rows", "trends", "comparisons"} <= set(data)
     head = path.read_bytes()[:512]
     return head.startswith(b"\x89PNG") and b"Matplotlib" in head
 
@@ -50,70 +56,131 @@ def active_non_embedding(config: dict) -> int:
     return MoELM(from_dict(ModelConfig, config["model"])).num_params()["active_non_embedding"]
 
 
+class IncompleteLadder(ValueError):
+    """The ladder lacks planned runs or rungs (and --partial was not given)."""
+
+
+def _value(run: RunRecord, *keys: str):
+    """config[keys[0]][keys[1]]...; a missing key is one line naming the run's config.json."""
+    node = run.config
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f"{run.run_dir / 'config.json'} lacks {'.'.join(keys)}; not a run folder mpirouter compare wrote")
+        node = node[key]
+    return node
+
+
+def _final(run: RunRecord, key: str) -> float:
+    if key not in run.final:
+        raise ValueError(f"{run.run_dir / 'metrics.jsonl'}: the final eval lacks {key!r}")
+    return run.final[key]
+
+
+def _is_diverged(run: RunRecord) -> bool:
+    """compare's marker, or a final loss that is not finite (a run that ended non-finite without the marker)."""
+    return run.diverged or (run.final is not None and not math.isfinite(_final(run, "val_loss")))
+
+
+def planned_runs(folder: Path, sessions: list[dict]) -> set[tuple]:
+    """(balance, variant, seed) of every run the folder's compare calls asked for (their recorded configs)."""
+    keys = set()
+    for session in sessions:
+        config = dict(session.get("config") or {})
+        try:
+            grid = grid_runs(from_dict(CompareConfig, {**config, "out_dir": str(folder)}))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{folder}/sessions: a compare call's recorded config cannot be read back ({e})") from None
+        keys |= {(g.config.model.moe.balance, (g.router, g.scale, g.target), g.seed) for g in grid}
+    return keys
+
+
+def read_rung(folder: Path) -> dict | None:
+    """One rung: its runs grouped by (balance, variant), what its compare calls planned and did not finish."""
+    found = discover_runs(folder)
+    runs = [r for r in found if r.final is not None or r.diverged]
+    if not runs:
+        return None
+    presets = {_value(r, "preset") for r in runs}
+    if len(presets) != 1:
+        raise ValueError(f"{folder} mixes model presets {sorted(presets)}; a rung is one preset")
+    shape = {}
+    for r in runs:  # a rung is one training budget: a run with other steps or batches is not its test
+        shape.setdefault(tuple(_value(r, k) for k in ("steps", "batch_size", "grad_accum", "seq_len")), r.run_dir)
+    if len(shape) != 1:
+        (a, pa), (b, pb) = list(shape.items())[:2]
+        raise ValueError(f"{folder} mixes training budgets (steps, batch, grad_accum, seq_len): {a} in {pa}, {b} in {pb}")
+    groups: dict[tuple, dict] = {}
+    for r in runs:
+        key = (_value(r, "model", "moe", "balance"), r.variant)
+        g = groups.setdefault(key, {"lrs": set(), "runs": {}, "diverged": set()})
+        g["lrs"].add(_value(r, "optim", "lr"))
+        seed = _value(r, "seed")
+        if seed in g["runs"] or seed in g["diverged"]:
+            raise ValueError(f"{folder}: two runs of {variant_label(*r.variant)} seed {seed} under balance={key[0]}; a rung holds one")
+        (g["diverged"].add(seed) if _is_diverged(r) else g["runs"].__setitem__(seed, r))
+    for (cell, variant), g in groups.items():
+        if len(g["lrs"]) != 1:
+            raise ValueError(f"{folder}: {variant_label(*variant)} under balance={cell} ran at several lrs {sorted(g['lrs'])}; a rung holds one lr per router")
+    sessions = read_sessions(folder)
+    done = {(cell, variant, seed) for (cell, variant), g in groups.items() for seed in [*g["runs"], *g["diverged"]]}
+    missing = sorted(planned_runs(folder, sessions) - done, key=lambda k: (k[0], variant_order(*k[1]), k[2]))
+    unfinished = [r for r in found if r.final is None and not r.diverged]  # also those no recorded call planned
+    unplanned = [r for r in unfinished if (_value(r, "model", "moe", "balance"), r.variant, _value(r, "seed")) not in set(missing)]
+    first = runs[0].config
+    return {"rung": folder.parent.name, "preset": presets.pop(), "folder": folder, "groups": groups,
+            "n": active_non_embedding(first),
+            "tokens": first["steps"] * first["batch_size"] * first["grad_accum"] * (first["seq_len"] or first["model"]["max_seq_len"]),
+            "sessions": sessions,
+            "missing": [f"{variant_label(*v)} seed {seed} (balance={cell})" for cell, v, seed in missing]
+                       + [f"{r.run_dir.relative_to(folder)} (stopped before its last step)" for r in unplanned]}
+
+
 def read_rungs(out: Path) -> list[dict]:
     """One entry per `<out>/<rung>/confirm` holding finished runs, sorted by N."""
-    rungs = []
-    for folder in sorted(p for p in Path(out).glob("*/confirm") if p.is_dir()):
-        runs = [r for r in discover_runs(folder) if r.final is not None or r.diverged]
-        if not runs:
-            continue
-        presets = {r.config["preset"] for r in runs}
-        if len(presets) != 1:
-            raise ValueError(f"{folder} mixes model presets {sorted(presets)}; a rung is one preset")
-        groups: dict[tuple, dict] = {}
-        for r in runs:
-            key = (r.config["model"]["moe"]["balance"], r.variant)
-            g = groups.setdefault(key, {"lrs": set(), "runs": {}, "diverged": []})
-            g["lrs"].add(r.config["optim"]["lr"])
-            (g["diverged"].append(r.config["seed"]) if r.diverged else g["runs"].__setitem__(r.config["seed"], r))
-        for (cell, variant), g in groups.items():
-            if len(g["lrs"]) != 1:
-                raise ValueError(f"{folder}: {variant_label(*variant)} under balance={cell} ran at several lrs {sorted(g['lrs'])}; a rung holds one lr per router")
-        first = runs[0].config
-        rungs.append({"rung": folder.parent.name, "preset": presets.pop(), "folder": folder, "groups": groups,
-                      "n": active_non_embedding(first),
-                      "tokens": first["steps"] * first["batch_size"] * first["grad_accum"] * (first["seq_len"] or first["model"]["max_seq_len"]),
-                      "sessions": read_sessions(folder)})
+    rungs = [rung for folder in sorted(p for p in Path(out).glob("*/confirm") if p.is_dir()) if (rung := read_rung(folder))]
     if not rungs:
         raise ValueError(f"{out} holds no rung folder with finished runs (expected <out>/<rung>/confirm, as results/ladder/run.sh writes)")
     return sorted(rungs, key=lambda r: r["n"])
 
 
 def _mean(runs: dict[int, RunRecord], seeds: list[int], key: str) -> float:
-    return mean_std([runs[s].final[key] for s in seeds])[0]
+    return mean_std([_final(runs[s], key) for s in seeds])[0]
 
 
 def compare_rung(rung: dict) -> list[dict]:
-    """Δ rows of one rung: every router other than linear against linear, per balance cell, paired over seeds."""
+    """Δ rows of one rung: every router other than linear against linear, per balance cell, paired over seeds.
+    A router (or linear) diverged on every seed still gets its row, with no Δ and no test."""
     rows = []
     for (cell, variant), g in sorted(rung["groups"].items(), key=lambda kv: (kv[0][0], variant_order(*kv[0][1]))):
         base = rung["groups"].get((cell, BASE))
         if variant == BASE or base is None:
             continue
         seeds = sorted(set(g["runs"]) & set(base["runs"]))
+        mine, theirs = g["runs"], base["runs"]
+        row = {"rung": rung["rung"], "n": rung["n"], "tokens": rung["tokens"], "cell": cell, "router": variant_label(*variant),
+               "seeds": seeds, "diverged": sorted(g["diverged"] | base["diverged"]),
+               "lr": next(iter(g["lrs"])), "lr_linear": next(iter(base["lrs"])), "diff": None, "sd": None, "p": None, "p_holm": None}
+        rows.append(row)
         if not seeds:
             continue
-        mine, theirs = g["runs"], base["runs"]
-        diffs = [mine[s].final["val_loss"] - theirs[s].final["val_loss"] for s in seeds]
+        diffs = [_final(mine[s], "val_loss") - _final(theirs[s], "val_loss") for s in seeds]
         p = paired_t_pvalue(diffs)
         speed = paired_speedup({s: theirs[s].curve() for s in seeds}, {s: mine[s].curve() for s in seeds})
-        rows.append({"rung": rung["rung"], "n": rung["n"], "tokens": rung["tokens"], "cell": cell, "router": variant_label(*variant),
-                     "seeds": seeds, "diverged": sorted(g["diverged"] + base["diverged"]),
-                     "lr": next(iter(g["lrs"])), "lr_linear": next(iter(base["lrs"])),
-                     "val": mean_std([mine[s].final["val_loss"] for s in seeds]), "val_linear": mean_std([theirs[s].final["val_loss"] for s in seeds]),
-                     "diff": paired_ci(diffs), "sd": mean_std(diffs)[1], "p": None if math.isnan(p) else p, "p_holm": None,
-                     "speedup": speed["ratio"], "reached": speed["reached"],
-                     "maxvio": (_mean(theirs, seeds, "maxvio"), _mean(mine, seeds, "maxvio")),
-                     "align": (_mean(theirs, seeds, "align"), _mean(mine, seeds, "align"))})
+        row.update({"val": mean_std([mine[s].final["val_loss"] for s in seeds]), "val_linear": mean_std([theirs[s].final["val_loss"] for s in seeds]),
+                    "diff": paired_ci(diffs), "sd": mean_std(diffs)[1], "p": None if math.isnan(p) else p,
+                    "speedup": speed["ratio"], "reached": speed["reached"],
+                    "maxvio": (_mean(theirs, seeds, "maxvio"), _mean(mine, seeds, "maxvio")),
+                    "align": (_mean(theirs, seeds, "align"), _mean(mine, seeds, "align"))})
     return rows
 
 
-def trends(rows: list[dict]) -> list[dict]:
-    """Per (router, cell) on three rungs or more: the weighted slope of mean Δ over log10 N."""
+def trends(rows: list[dict], rungs: list[str]) -> list[dict]:
+    """Per (router, cell) with a tested Δ on every rung of the ladder (three or more): the weighted slope of
+    mean Δ over log10 N. A router on only some rungs (as linear+erc) has no trend."""
     out = []
     for key in sorted({(r["router"], r["cell"]) for r in rows}):
-        pts = [r for r in rows if (r["router"], r["cell"]) == key and len(r["seeds"]) > 1 and r["sd"] > 0]
-        if len(pts) < 3:
+        pts = [r for r in rows if (r["router"], r["cell"]) == key and r["diff"] is not None and len(r["seeds"]) > 1 and r["sd"] > 0]
+        if len(rungs) < 3 or sorted(r["rung"] for r in pts) != sorted(rungs):
             continue
         fit = weighted_slope([math.log10(r["n"]) for r in pts], [r["diff"][0] for r in pts],
                              [r["sd"] / math.sqrt(len(r["seeds"])) for r in pts], df=min(len(r["seeds"]) for r in pts) - 1)
@@ -121,16 +188,23 @@ def trends(rows: list[dict]) -> list[dict]:
     return out
 
 
-def build_ladder(out: Path) -> dict:
+def build_ladder(out: Path, expect: list[str] | None = None, partial: bool = False) -> dict:
+    """The report's content. `expect`: the rung (folder) names the plan has; a missing one, or a planned run
+    not finished, makes the ladder incomplete: refused unless `partial` (then marked interim)."""
     rungs = read_rungs(out)
+    names = [rung["rung"] for rung in rungs]
+    gaps = [f"rung {name} has no finished runs" for name in (expect or []) if name not in names]
+    gaps += [f"{rung['rung']}: {len(rung['missing'])} planned run(s) not finished, e.g. {rung['missing'][0]}" for rung in rungs if rung["missing"]]
+    if gaps and not partial:
+        raise IncompleteLadder(f"the ladder in {out} is incomplete ({'; '.join(gaps)}); the plan's report waits for it, --partial writes an interim one")
     rows = [row for rung in rungs for row in compare_rung(rung)]
-    fits = trends(rows)
+    fits = trends(rows, sorted(set(names) | set(expect or [])))
     tested = [r for r in rows + fits if r["p"] is not None]
     for r, adj in zip(tested, holm([r["p"] for r in tested])):
         r["p_holm"] = adj
     runs = {rung["rung"]: [describe(s) + f" · `{s['command']}`" for s in rung["sessions"]] for rung in rungs}
-    return {"ladder": [{k: rung[k] for k in ("rung", "preset", "n", "tokens")} for rung in rungs], "rows": rows, "trends": fits,
-            "comparisons": len(tested), "runs": runs}
+    return {"ladder": [{k: rung[k] for k in ("rung", "preset", "n", "tokens", "missing")} for rung in rungs], "rows": rows, "trends": fits,
+            "comparisons": len(tested), "incomplete": gaps, "runs": runs}
 
 
 def _p(r: dict) -> str:
@@ -145,7 +219,7 @@ def _speed(r: dict) -> str:
     return f"{r['speedup'][0]:.3f}× [{r['speedup'][1]:.3f}, {r['speedup'][2]:.3f}] ({r['reached']}/{len(r['seeds'])} reached)"
 
 
-def format_ladder(summary: dict, command: str) -> str:
+def format_ladder(summary: dict, command: str, plotted: bool = True) -> str:
     rows, fits = summary["rows"], summary["trends"]
     hits = [f"{r['router']}, {r['rung']}, balance={r['cell']}" for r in rows if r["p_holm"] is not None and r["p_holm"] < ALPHA]
     hits += [f"trend of {t['router']}, balance={t['cell']}" for t in fits if t["p_holm"] is not None and t["p_holm"] < ALPHA]
@@ -153,7 +227,11 @@ def format_ladder(summary: dict, command: str) -> str:
              f"Built by `{command}` from the rung folders below; the plan, written before any test run: [PLAN.md](PLAN.md).", "",
              f"This report makes {summary['comparisons']} comparisons ({sum(r['p'] is not None for r in rows)} Δs against linear, "
              f"{sum(t['p'] is not None for t in fits)} trends); 'significant' means Holm-adjusted p < {ALPHA:g} across all of them. "
-             f"Significant ({MARK}): {'; '.join(hits) if hits else 'none'}.", "", "## Runs", ""]
+             f"Significant ({MARK}): {'; '.join(hits) if hits else 'none'}."]
+    if summary["incomplete"]:
+        lines[2:2] = ["**Interim report: the ladder is incomplete** (" + "; ".join(summary["incomplete"]) + "). Its comparisons, "
+                      "Holm family and trends are those of the finished runs, not the plan's; no hypothesis is answered from it.", ""]
+    lines += ["", "## Runs", ""]
     for rung in summary["ladder"]:
         lines.append(f"- `{rung['rung']}` ([report]({rung['rung']}/confirm/report.md)):")
         lines += [f"  - {line}" for line in summary["runs"][rung["rung"]]]
@@ -163,6 +241,10 @@ def format_ladder(summary: dict, command: str) -> str:
                   "|" + "---|" * 11]
         for r in (r for r in rows if r["cell"] == cell):
             div = f" ({len(r['diverged'])} diverged, left out)" if r["diverged"] else ""
+            if r["diff"] is None:
+                lines.append(f"| `{r['rung']}` | {r['n'] / 1e6:.3f} M | {r['tokens'] / 1e6:.3f} M | {r['router']} | 0{div} "
+                             f"| – (lr {r['lr_linear']:g}) | – (lr {r['lr']:g}) | no seed with both runs finite: no test | – | – | – |")
+                continue
             lines.append(f"| `{r['rung']}` | {r['n'] / 1e6:.3f} M | {r['tokens'] / 1e6:.3f} M | {r['router']} | {len(r['seeds'])}{div} "
                          f"| {r['val_linear'][0]:.4f} ± {r['val_linear'][1]:.4f} (lr {r['lr_linear']:g}) | {r['val'][0]:.4f} ± {r['val'][1]:.4f} (lr {r['lr']:g}) "
                          f"| {r['diff'][0]:+.4f} [{r['diff'][1]:+.4f}, {r['diff'][2]:+.4f}], {_p(r)} | {_speed(r)} "
@@ -173,7 +255,8 @@ def format_ladder(summary: dict, command: str) -> str:
         for t in fits:
             lines.append(f"| {t['router']} | {t['cell']} | {', '.join(t['rungs'])} | {t['slope']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}], {_p(t)} "
                          f"| {t['q']:.2f} ({len(t['rungs']) - 2}) |")
-    lines += ["", f"![Δ against N]({PNG})", "", "Notes:",
+    lines += ["", f"![Δ against N]({PNG})"] if plotted else []
+    lines += ["", "Notes:",
               "- N: active non-embedding parameters (attention, the top-k experts' share, routers, norms). tokens / run: steps × sequences × tokens.",
               "- Δ: router − linear final whole-split validation loss, same seed = same initial weights and batches; negative = better than linear.",
               "- Trend: weighted least squares of the rungs' mean Δ on log10 N, weights n/sd² (fixed-effect meta-regression), "
@@ -190,7 +273,7 @@ def plot_ladder(summary: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4), squeeze=False, sharey=True)
     for ax, cell in zip(axes[0], cells):
         for i, router in enumerate(sorted({r["router"] for r in summary["rows"] if r["cell"] == cell})):
-            pts = [r for r in summary["rows"] if r["cell"] == cell and r["router"] == router]
+            pts = [r for r in summary["rows"] if r["cell"] == cell and r["router"] == router and r["diff"] is not None]
             xs = [r["n"] * (1.04 ** i) for r in pts]  # nudged apart so the intervals do not overlap
             ys = [r["diff"][0] for r in pts]
             err = [[r["diff"][0] - r["diff"][1] for r in pts], [r["diff"][2] - r["diff"][0] for r in pts]]
@@ -206,24 +289,28 @@ def plot_ladder(summary: dict, path: Path) -> bool:
     return True
 
 
-def write_ladder(out: str | Path, command: str) -> Path:
+def write_ladder(out: str | Path, command: str, expect: list[str] | None = None, partial: bool = False) -> Path:
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"--out {out} is not a folder")
     theirs = [n for n in (MD, JSON, PNG) if (out / n).exists() and not _ours(out / n)]
     if theirs:
         raise FileExistsError(f"{out / theirs[0]} was not written by mpirouter ladder; move it away first (nothing was written)")
-    summary = build_ladder(out)
+    summary = build_ladder(out, expect, partial)
     atomic_write_text(out / JSON, json.dumps({**summary, "command": command}, indent=1, default=str))
-    plot_ladder(summary, out / PNG)
-    atomic_write_text(out / MD, format_ladder(summary, command))
+    plotted = plot_ladder(summary, out / PNG)
+    atomic_write_text(out / MD, format_ladder(summary, command, plotted))
     return out / MD
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the ladder folder: reads <out>/<rung>/confirm, writes ladder.md, .json and .png there")
+    p.add_argument("--rungs", default=None, help="comma-separated rung folder names the ladder must hold, e.g. debug,cpu-440k,tiny,cpu-1.7m")
+    p.add_argument("--partial", action="store_true", help="write an interim report (marked so) while planned runs or rungs are missing")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    print(f"ladder: {write_ladder(args.out, f'mpirouter ladder --out {args.out}')}")
+    expect = [r for r in args.rungs.split(",") if r] if args.rungs else None
+    command = "mpirouter ladder --out " + str(args.out) + (f" --rungs {args.rungs}" if args.rungs else "") + (" --partial" if args.partial else "")
+    print(f"ladder: {write_ladder(args.out, command, expect, args.partial)}")
     return 0

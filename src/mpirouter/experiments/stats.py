@@ -159,6 +159,8 @@ def weighted_slope(xs: Sequence[float], means: Sequence[float], ses: Sequence[fl
     """
     if not (len(xs) == len(means) == len(ses)) or len(xs) < 3:
         raise ValueError(f"weighted_slope needs at least 3 points of equal length lists, got {len(xs)}, {len(means)}, {len(ses)}")
+    if not all(math.isfinite(v) for v in [*xs, *means, *ses, df]):
+        raise ValueError(f"weighted_slope needs finite inputs, got xs={list(xs)}, means={list(means)}, ses={list(ses)}, df={df}")
     if any(not se > 0 for se in ses) or not df > 0:
         raise ValueError(f"standard errors and df must be > 0, got {list(ses)}, df={df}")
     w = [1.0 / se**2 for se in ses]
