@@ -44,8 +44,10 @@ $(MEGATRON_STAMP): $(STAMP) Makefile
 demo: setup
 	$(VENV)/bin/mpirouter demo
 
+# the suite runs one thread per process (tests/conftest.py), so one worker per core, a test file per worker
+TEST_WORKERS ?= 2
 test: setup $(TITAN_STAMP) $(MEGATRON_STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: setup
 	$(VENV)/bin/mpirouter bench
