@@ -7,7 +7,7 @@
     mpirouter bench
     mpirouter demo
     mpirouter compare --routers linear,mpi --seeds 0,1,2 --out runs/compare
-    mpirouter ladder --out results/ladder --rungs debug,cpu-440k,tiny,cpu-1.7m
+    mpirouter ladder --out results/ladder --rungs debug,cpu-440k,tiny,cpu-1.7m --routers linear,mpi --cells bias,aux
 
 Flags map onto the config dataclasses (`trainer/config.py` and the configs it nests); any field is reachable with
 `--set section.field=value` (e.g. `--set model.moe.top_k=4 --set schedule.kind=wsd`). Bad input
@@ -267,7 +267,7 @@ def cmd_trajectory(args) -> int:
 
 
 def cmd_ladder(args) -> int:
-    """mpirouter ladder --out results/ladder
+    """mpirouter ladder --out results/ladder --rungs debug,cpu-440k,tiny,cpu-1.7m --routers linear,mpi --cells bias,aux
 
     The scale ladder's report: each router against linear on every rung (<out>/<rung>/confirm), and the trend over size.
     """

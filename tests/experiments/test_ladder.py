@@ -3,13 +3,18 @@
 import dataclasses
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mpirouter.common.config import to_dict
 from mpirouter.core.model import MoELM, preset_config
+from mpirouter.experiments.compare import CompareConfig, grid_runs
 from mpirouter.experiments.ladder import JSON, MD, TITLE, IncompleteLadder, build_ladder, format_ladder, write_ladder
 from mpirouter.experiments.stats import holm, paired_t_pvalue, t_quantile, weighted_slope
 
@@ -113,27 +118,72 @@ def test_weighted_slope_refuses_non_finite_inputs():
         weighted_slope([0.0, 1.0, 2.0], [0.0, math.nan, 0.0], [0.1, 0.1, 0.1], df=3)
 
 
+def compare_rung(out, rung, routers=("linear", "mpi"), seeds=(0, 1, 2), cells=("bias", "aux"), session=True, skip=()):
+    """A rung folder laid out as `mpirouter compare` writes it (grid_runs' folders and configs, its session record);
+    each run finished (eval at its last step) unless its folder ends with one of `skip`."""
+    cfg = CompareConfig(routers=list(routers), seeds=list(seeds), preset="debug", steps=10, batch_size=2, lrs=[0.01],
+                        vary={"model.moe.balance": list(cells)}, out_dir=str(out / rung / "confirm"))
+    for g in grid_runs(cfg):
+        run = Path(g.config.out_dir)
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(to_dict(g.config)))
+        steps = (5,) if str(run).endswith(tuple(skip)) else (5, 10)
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"event": "eval", "step": s, "tokens": s * 128, "val_loss": 2.0 + g.seed / 100
+                                                                + (s == 10) * 0.01 * (g.router != "linear"), "maxvio": 0.1, "align": 0.5}) + "\n"
+                                                    for s in steps))
+    if session:
+        (out / rung / "confirm" / "sessions").mkdir(exist_ok=True)
+        (out / rung / "confirm" / "sessions" / f"{'-'.join(routers)}.json").write_text(json.dumps({"command": "mpirouter compare ...", "config": to_dict(cfg)}))
+    return cfg
+
+
+def test_a_rung_written_as_compare_writes_it_is_complete(tmp_path):
+    compare_rung(tmp_path, "debug", routers=("linear", "linear+erc", "mpi"))
+    summary = build_ladder(tmp_path, expect=["debug"], routers=["linear", "mpi"], cells=["bias", "aux"])
+    assert summary["incomplete"] == [] and summary["ladder"][0]["missing"] == []
+    assert sorted((r["cell"], r["router"]) for r in summary["rows"]) == [("aux", "linear+erc"), ("aux", "mpi C'=1"), ("bias", "linear+erc"), ("bias", "mpi C'=1")]
+    assert all(r["seeds"] == [0, 1, 2] and r["diff"][0] == pytest.approx(0.01) for r in summary["rows"])
+
+
 def test_ladder_refuses_an_incomplete_ladder_unless_partial(tmp_path):
-    ladder_folder(tmp_path)
-    (tmp_path / "mid-rung" / "confirm" / "mid-rung" / "bias" / "mpi" / "seed3" / "metrics.jsonl").write_text(
-        json.dumps({"event": "eval", "step": 5, "tokens": 640, "val_loss": 2.5}) + "\n")  # stopped halfway
-    session = {"command": "mpirouter compare ...", "config": {"routers": ["linear", "mpi"], "seeds": [0, 1, 2, 3, 4], "preset": "debug",
-                                                               "vary": {"model.moe.balance": ["bias", "aux"]}, "lrs": [0.01]}}
-    (tmp_path / "big-rung" / "confirm" / "sessions").mkdir()
-    (tmp_path / "big-rung" / "confirm" / "sessions" / "a.json").write_text(json.dumps(session))
+    compare_rung(tmp_path, "debug", skip=("bias/mpi-C1/seed2",))  # stopped before its last step
+    compare_rung(tmp_path, "tiny", routers=("linear",), cells=("bias",))  # mpi's call and the aux cell never started
+    compare_rung(tmp_path, "other", session=False)  # not one of --rungs: left out
     with pytest.raises(IncompleteLadder) as info:
-        build_ladder(tmp_path, expect=["small-rung", "mid-rung", "big-rung", "top-rung"])
+        build_ladder(tmp_path, expect=["debug", "tiny", "top"], routers=["linear", "mpi"], cells=["bias", "aux"])
     message = str(info.value)
-    assert "rung top-rung has no finished runs" in message and "--partial" in message
-    assert "big-rung: 4 planned run(s) not finished, e.g. linear seed 4 (balance=aux)" in message  # seed 4 of both routers, both cells
-    assert "mid-rung: 1 planned run(s) not finished, e.g. mid-rung/bias/mpi/seed3 (stopped before its last step)" in message
-    summary = build_ladder(tmp_path, expect=["small-rung", "mid-rung", "big-rung", "top-rung"], partial=True)
-    assert len(summary["incomplete"]) == 3
-    mid = next(r for r in summary["rows"] if r["rung"] == "mid-rung" and r["cell"] == "bias")
-    assert mid["seeds"] == [0, 1, 2]  # the unfinished seed 3 is left out of the pairs
-    assert summary["trends"] == []  # a trend needs every rung of the ladder, and top-rung has none
+    assert "rung top has no finished runs" in message and "--partial" in message
+    # the unfinished run, and linear's seed 2 left without its pair
+    assert "debug: 2 planned run(s) not finished or unpaired, e.g. debug/adamw-lr0.01/balance=bias/mpi-C1/seed2" in message
+    assert "tiny: no finished run of mpi under balance=bias" in message and "tiny: no finished run of linear under balance=aux" in message
+    summary = build_ladder(tmp_path, expect=["debug", "tiny", "top"], routers=["linear", "mpi"], cells=["bias", "aux"], partial=True)
+    assert summary["left_out"] == ["other"] and {r["rung"] for r in summary["rows"]} == {"debug"}
+    bias = next(r for r in summary["rows"] if r["cell"] == "bias")
+    assert bias["seeds"] == [0, 1]  # the unfinished seed 2 is not a pair
+    assert summary["trends"] == []
     text = write_ladder(tmp_path, "mpirouter ladder --out x --partial", partial=True).read_text()
     assert "**Interim report: the ladder is incomplete**" in text
+
+
+@pytest.mark.parametrize("setup, gap", [
+    (lambda out: compare_rung(out, "debug", session=False, seeds=(0, 1, 2)) and shutil.rmtree(out / "debug/confirm/debug/adamw-lr0.01/balance=aux/linear/seed1"),
+     "balance=aux: mpi C'=1 seed 1 has no linear run"),
+    (lambda out: compare_rung(out, "debug", session=False) and shutil.rmtree(out / "debug/confirm/debug/adamw-lr0.01/balance=aux/linear"),
+     "balance=aux: mpi C'=1 has runs but linear has none to pair them with"),
+    (lambda out: compare_rung(out, "debug") and compare_rung(out, "tiny", skip=("seed0", "seed1", "seed2")),
+     "rung tiny has no finished runs"),
+], ids=["unpaired-seed", "no-linear-in-a-cell", "rung-with-no-finished-run"])
+def test_ladder_names_what_is_unpaired_or_unstarted(tmp_path, setup, gap):
+    setup(tmp_path)
+    with pytest.raises(IncompleteLadder, match=re.escape(gap)):
+        build_ladder(tmp_path)
+
+
+def test_a_session_that_records_no_config_is_refused(tmp_path):
+    compare_rung(tmp_path, "debug")
+    (tmp_path / "debug" / "confirm" / "sessions" / "old.json").write_text('{"command": "mpirouter compare"}')
+    with pytest.raises(ValueError, match="records no config"):
+        build_ladder(tmp_path)
 
 
 def test_ladder_keeps_a_router_that_diverged_on_every_seed(tmp_path):
@@ -154,9 +204,12 @@ def test_ladder_keeps_a_router_that_diverged_on_every_seed(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(batch_size=4), "mixes training budgets"),
+    (lambda c: c.update(batch_size=4), "mixes training settings: global_batch is 2 in"),
+    (lambda c: c.update(eval_batches=3), "mixes training settings: eval_batches"),
     (lambda c: c.pop("seed"), "lacks seed"),
-], ids=["other-batch", "missing-seed"])
+    (lambda c: c.pop("steps"), "lacks steps"),
+    (lambda c: c["model"]["moe"].pop("router"), "lacks model.moe.router"),
+], ids=["other-batch", "other-eval", "missing-seed", "missing-steps", "missing-router"])
 def test_ladder_refuses_runs_that_are_not_one_rung(tmp_path, change, message):
     ladder_folder(tmp_path)
     path = tmp_path / "big-rung" / "confirm" / "big-rung" / "aux" / "linear" / "seed2" / "config.json"
@@ -182,3 +235,13 @@ def test_ladder_cli_names_the_problem_in_one_line(tmp_path):
     assert "was not written by mpirouter ladder" in result.stderr.strip().splitlines()[-1]
     result = subprocess.run([sys.executable, "-m", "mpirouter", "ladder", "--out", str(tmp_path / "none")], capture_output=True, text=True)
     assert result.returncode == 2 and "is not a folder" in result.stderr
+    (tmp_path / JSON).unlink()
+    ladder = [sys.executable, "-m", "mpirouter", "ladder", "--out", str(tmp_path), "--rungs", "small-rung, mid-rung,big-rung,top-rung",
+              "--routers", "linear,mpi", "--cells", "bias,aux"]
+    result = subprocess.run(ladder, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is incomplete (rung top-rung has no finished runs)" in result.stderr.strip().splitlines()[-1]
+    result = subprocess.run([*ladder, "--partial"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / MD).read_text()
+    assert "**Interim report" in text and "--rungs small-rung,mid-rung,big-rung,top-rung --routers linear,mpi --cells bias,aux --partial" in text

@@ -1,6 +1,6 @@
 """The scale ladder's report: each router against linear on every model size, and how the difference moves with size.
 
-    mpirouter ladder --out results/ladder --rungs debug,cpu-440k,tiny,cpu-1.7m
+    mpirouter ladder --out results/ladder --rungs debug,cpu-440k,tiny,cpu-1.7m --routers linear,mpi --cells bias,aux
 
 Reads every rung's compare folder, `<out>/<rung>/confirm` (one model preset each, every router at its
 own lr), and per rung and `model.moe.balance` cell pairs each router with linear over seeds: Δ final
@@ -30,6 +30,7 @@ from ..core.model import ModelConfig, MoELM
 from .compare import CompareConfig, grid_runs
 from .plots import pyplot, save_figure
 from .report import RunRecord, discover_runs, paired_speedup, read_sessions, variant_label, variant_order
+from .sections import signature
 from .stats import ALPHA, MARK, holm, mean_std, paired_ci, paired_t_pvalue, weighted_slope
 
 TITLE = "# The scale ladder: each router against linear, by model size"
@@ -81,34 +82,65 @@ def _is_diverged(run: RunRecord) -> bool:
     return run.diverged or (run.final is not None and not math.isfinite(_final(run, "val_loss")))
 
 
-def planned_runs(folder: Path, sessions: list[dict]) -> set[tuple]:
-    """(balance, variant, seed) of every run the folder's compare calls asked for (their recorded configs)."""
-    keys = set()
+REQUIRED = (("preset",), ("seed",), ("steps",), ("batch_size",), ("grad_accum",), ("seq_len",), ("optim", "lr"),
+            ("model", "max_seq_len"), ("model", "moe", "balance"), ("model", "moe", "router", "kind"))
+"""The config keys the ladder reads of every run folder, checked before anything reads them."""
+
+
+def planned_dirs(folder: Path, sessions: list[dict]) -> set[Path]:
+    """The run folders the folder's compare calls asked for, rebuilt from their recorded configs (a folder
+    names its lr, cell, router and seed as compare wrote it)."""
+    dirs = set()
     for session in sessions:
-        config = dict(session.get("config") or {})
+        if not isinstance(session, dict) or not isinstance(session.get("config"), dict):
+            raise ValueError(f"{folder}/sessions: a compare call records no config, so what it planned cannot be told")
         try:
-            grid = grid_runs(from_dict(CompareConfig, {**config, "out_dir": str(folder)}))
+            grid = grid_runs(from_dict(CompareConfig, {**session["config"], "out_dir": str(folder)}))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{folder}/sessions: a compare call's recorded config cannot be read back ({e})") from None
-        keys |= {(g.config.model.moe.balance, (g.router, g.scale, g.target), g.seed) for g in grid}
-    return keys
+        dirs |= {Path(g.config.out_dir).resolve() for g in grid}
+    return dirs
 
 
-def read_rung(folder: Path) -> dict | None:
-    """One rung: its runs grouped by (balance, variant), what its compare calls planned and did not finish."""
-    found = discover_runs(folder)
+def _check_one_budget(folder: Path, runs: list[RunRecord]) -> None:
+    """A rung is one training setting: every field compare's report keeps within a section agrees (steps, batch,
+    warmup, eval, optimizer, data, model), all but the router, lr, seed and balance cell."""
+    seen: dict[tuple, RunRecord] = {}
+    for r in runs:
+        start = next((e for e in r.records if e.get("event") == "start"), {})
+        try:
+            seen.setdefault(signature(r.config, start, ["model.moe.balance"]), r)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{r.run_dir / 'config.json'} cannot be read as a run's config ({e})") from None
+    if len(seen) > 1:
+        (a, ra), (b, rb) = list(seen.items())[:2]
+        field = next(k for k, v in sorted(set(a) ^ set(b)))
+        va, vb = dict(a).get(field, "(unset)"), dict(b).get(field, "(unset)")
+        raise ValueError(f"{folder} mixes training settings: {field} is {va} in {ra.run_dir} but {vb} in {rb.run_dir}; a rung is one setting")
+
+
+def read_rung(folder: Path) -> dict:
+    """One rung: its finished runs grouped by (balance, variant), and `missing`: the planned runs not finished,
+    unfinished run folders, and seeds a router has that linear lacks in its cell (or the reverse)."""
+    try:
+        found, sessions = discover_runs(folder), read_sessions(folder)
+    except ValueError as e:  # json's errors do not name the file
+        raise ValueError(f"{folder}: a config.json, metrics.jsonl or sessions/*.json is not valid JSON ({e})") from None
+    for r in found:
+        for keys in REQUIRED:
+            _value(r, *keys)
     runs = [r for r in found if r.final is not None or r.diverged]
+    done = {r.run_dir.resolve() for r in runs}
+    missing = [f"{d.relative_to(folder.resolve())}" for d in sorted(planned_dirs(folder, sessions) - done)]
+    missing += [f"{r.run_dir.relative_to(folder)} (stopped before its last step)" for r in found
+                if r.final is None and not r.diverged and f"{r.run_dir.relative_to(folder)}" not in missing]
+    rung = {"rung": folder.parent.name, "folder": folder, "groups": {}, "sessions": sessions, "missing": missing}
     if not runs:
-        return None
+        return rung
     presets = {_value(r, "preset") for r in runs}
     if len(presets) != 1:
         raise ValueError(f"{folder} mixes model presets {sorted(presets)}; a rung is one preset")
-    shape = {}
-    for r in runs:  # a rung is one training budget: a run with other steps or batches is not its test
-        shape.setdefault(tuple(_value(r, k) for k in ("steps", "batch_size", "grad_accum", "seq_len")), r.run_dir)
-    if len(shape) != 1:
-        (a, pa), (b, pb) = list(shape.items())[:2]
-        raise ValueError(f"{folder} mixes training budgets (steps, batch, grad_accum, seq_len): {a} in {pa}, {b} in {pb}")
+    _check_one_budget(folder, runs)
     groups: dict[tuple, dict] = {}
     for r in runs:
         key = (_value(r, "model", "moe", "balance"), r.variant)
@@ -121,26 +153,32 @@ def read_rung(folder: Path) -> dict | None:
     for (cell, variant), g in groups.items():
         if len(g["lrs"]) != 1:
             raise ValueError(f"{folder}: {variant_label(*variant)} under balance={cell} ran at several lrs {sorted(g['lrs'])}; a rung holds one lr per router")
-    sessions = read_sessions(folder)
-    done = {(cell, variant, seed) for (cell, variant), g in groups.items() for seed in [*g["runs"], *g["diverged"]]}
-    missing = sorted(planned_runs(folder, sessions) - done, key=lambda k: (k[0], variant_order(*k[1]), k[2]))
-    unfinished = [r for r in found if r.final is None and not r.diverged]  # also those no recorded call planned
-    unplanned = [r for r in unfinished if (_value(r, "model", "moe", "balance"), r.variant, _value(r, "seed")) not in set(missing)]
+        base = groups.get((cell, BASE))
+        if variant == BASE:
+            continue
+        if base is None:
+            missing.append(f"balance={cell}: {variant_label(*variant)} has runs but linear has none to pair them with")
+            continue
+        ours, theirs = set(g["runs"]) | g["diverged"], set(base["runs"]) | base["diverged"]
+        missing += [f"balance={cell}: {variant_label(*variant)} seed {s} has no linear run" for s in sorted(ours - theirs)]
+        missing += [f"balance={cell}: linear seed {s} has no {variant_label(*variant)} run" for s in sorted(theirs - ours)]
     first = runs[0].config
-    return {"rung": folder.parent.name, "preset": presets.pop(), "folder": folder, "groups": groups,
-            "n": active_non_embedding(first),
-            "tokens": first["steps"] * first["batch_size"] * first["grad_accum"] * (first["seq_len"] or first["model"]["max_seq_len"]),
-            "sessions": sessions,
-            "missing": [f"{variant_label(*v)} seed {seed} (balance={cell})" for cell, v, seed in missing]
-                       + [f"{r.run_dir.relative_to(folder)} (stopped before its last step)" for r in unplanned]}
+    return {**rung, "preset": presets.pop(), "groups": groups, "n": active_non_embedding(first),
+            "tokens": first["steps"] * first["batch_size"] * first["grad_accum"] * (first["seq_len"] or first["model"]["max_seq_len"])}
 
 
-def read_rungs(out: Path) -> list[dict]:
-    """One entry per `<out>/<rung>/confirm` holding finished runs, sorted by N."""
-    rungs = [rung for folder in sorted(p for p in Path(out).glob("*/confirm") if p.is_dir()) if (rung := read_rung(folder))]
+def read_rungs(out: Path, expect: list[str] | None = None) -> tuple[list[dict], list[str], list[str]]:
+    """(rungs holding finished runs sorted by N, gaps, folders left out): every `<out>/<rung>/confirm`, or only
+    those named in `expect`. A rung without a finished run is a gap, not a rung."""
+    folders = sorted(p for p in Path(out).glob("*/confirm") if p.is_dir())
+    ignored = [p.parent.name for p in folders if expect is not None and p.parent.name not in expect]
+    read = [read_rung(p) for p in folders if p.parent.name not in ignored]
+    rungs = sorted((r for r in read if r["groups"]), key=lambda r: r["n"])
+    gaps = [f"rung {name} has no finished runs" for name in (expect or []) if name not in {r["rung"] for r in rungs}]
+    gaps += [f"rung {r['rung']} has no finished runs" for r in read if not r["groups"] and r["rung"] not in (expect or [])]
     if not rungs:
         raise ValueError(f"{out} holds no rung folder with finished runs (expected <out>/<rung>/confirm, as results/ladder/run.sh writes)")
-    return sorted(rungs, key=lambda r: r["n"])
+    return rungs, gaps, ignored
 
 
 def _mean(runs: dict[int, RunRecord], seeds: list[int], key: str) -> float:
@@ -188,23 +226,29 @@ def trends(rows: list[dict], rungs: list[str]) -> list[dict]:
     return out
 
 
-def build_ladder(out: Path, expect: list[str] | None = None, partial: bool = False) -> dict:
-    """The report's content. `expect`: the rung (folder) names the plan has; a missing one, or a planned run
-    not finished, makes the ladder incomplete: refused unless `partial` (then marked interim)."""
-    rungs = read_rungs(out)
-    names = [rung["rung"] for rung in rungs]
-    gaps = [f"rung {name} has no finished runs" for name in (expect or []) if name not in names]
-    gaps += [f"{rung['rung']}: {len(rung['missing'])} planned run(s) not finished, e.g. {rung['missing'][0]}" for rung in rungs if rung["missing"]]
+def build_ladder(out: Path, expect: list[str] | None = None, partial: bool = False,
+                 routers: list[str] | None = None, cells: list[str] | None = None) -> dict:
+    """The report's content. `expect`: the rung (folder) names of the ladder (others are left out);
+    `routers` x `cells`: what every rung must hold (router names as compare takes them, balance values). A
+    missing rung, router or cell, or a planned run not finished, makes the ladder incomplete: refused unless
+    `partial` (then marked interim)."""
+    rungs, gaps, ignored = read_rungs(out, expect)
+    for rung in rungs:
+        have = {(cell, variant[0]) for cell, variant in rung["groups"]}
+        gaps += [f"{rung['rung']}: no finished run of {router} under balance={cell}"
+                 for cell in (cells or []) for router in (routers or []) if (cell, router) not in have]
+        if rung["missing"]:
+            gaps.append(f"{rung['rung']}: {len(rung['missing'])} planned run(s) not finished or unpaired, e.g. {rung['missing'][0]}")
     if gaps and not partial:
         raise IncompleteLadder(f"the ladder in {out} is incomplete ({'; '.join(gaps)}); the plan's report waits for it, --partial writes an interim one")
     rows = [row for rung in rungs for row in compare_rung(rung)]
-    fits = trends(rows, sorted(set(names) | set(expect or [])))
+    fits = trends(rows, sorted({rung["rung"] for rung in rungs} | set(expect or [])))
     tested = [r for r in rows + fits if r["p"] is not None]
     for r, adj in zip(tested, holm([r["p"] for r in tested])):
         r["p_holm"] = adj
     runs = {rung["rung"]: [describe(s) + f" · `{s['command']}`" for s in rung["sessions"]] for rung in rungs}
     return {"ladder": [{k: rung[k] for k in ("rung", "preset", "n", "tokens", "missing")} for rung in rungs], "rows": rows, "trends": fits,
-            "comparisons": len(tested), "incomplete": gaps, "runs": runs}
+            "comparisons": len(tested), "incomplete": gaps, "left_out": ignored, "runs": runs}
 
 
 def _p(r: dict) -> str:
@@ -228,6 +272,8 @@ def format_ladder(summary: dict, command: str, plotted: bool = True) -> str:
              f"This report makes {summary['comparisons']} comparisons ({sum(r['p'] is not None for r in rows)} Δs against linear, "
              f"{sum(t['p'] is not None for t in fits)} trends); 'significant' means Holm-adjusted p < {ALPHA:g} across all of them. "
              f"Significant ({MARK}): {'; '.join(hits) if hits else 'none'}."]
+    if summary["left_out"]:
+        lines[2:2] = [f"Rung folders not named by --rungs, left out: {', '.join(summary['left_out'])}.", ""]
     if summary["incomplete"]:
         lines[2:2] = ["**Interim report: the ladder is incomplete** (" + "; ".join(summary["incomplete"]) + "). Its comparisons, "
                       "Holm family and trends are those of the finished runs, not the plan's; no hypothesis is answered from it.", ""]
@@ -289,14 +335,15 @@ def plot_ladder(summary: dict, path: Path) -> bool:
     return True
 
 
-def write_ladder(out: str | Path, command: str, expect: list[str] | None = None, partial: bool = False) -> Path:
+def write_ladder(out: str | Path, command: str, expect: list[str] | None = None, partial: bool = False,
+                 routers: list[str] | None = None, cells: list[str] | None = None) -> Path:
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"--out {out} is not a folder")
     theirs = [n for n in (MD, JSON, PNG) if (out / n).exists() and not _ours(out / n)]
     if theirs:
         raise FileExistsError(f"{out / theirs[0]} was not written by mpirouter ladder; move it away first (nothing was written)")
-    summary = build_ladder(out, expect, partial)
+    summary = build_ladder(out, expect, partial, routers, cells)
     atomic_write_text(out / JSON, json.dumps({**summary, "command": command}, indent=1, default=str))
     plotted = plot_ladder(summary, out / PNG)
     atomic_write_text(out / MD, format_ladder(summary, command, plotted))
@@ -306,11 +353,14 @@ def write_ladder(out: str | Path, command: str, expect: list[str] | None = None,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the ladder folder: reads <out>/<rung>/confirm, writes ladder.md, .json and .png there")
     p.add_argument("--rungs", default=None, help="comma-separated rung folder names the ladder must hold, e.g. debug,cpu-440k,tiny,cpu-1.7m")
+    p.add_argument("--routers", default=None, help="comma-separated routers every rung must hold in every --cells cell, e.g. linear,mpi")
+    p.add_argument("--cells", default=None, help="comma-separated model.moe.balance values every rung must hold, e.g. bias,aux")
     p.add_argument("--partial", action="store_true", help="write an interim report (marked so) while planned runs or rungs are missing")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    expect = [r for r in args.rungs.split(",") if r] if args.rungs else None
-    command = "mpirouter ladder --out " + str(args.out) + (f" --rungs {args.rungs}" if args.rungs else "") + (" --partial" if args.partial else "")
-    print(f"ladder: {write_ladder(args.out, command, expect, args.partial)}")
+    names = {key: [v.strip() for v in value.split(",") if v.strip()] if value else None
+             for key, value in (("rungs", args.rungs), ("routers", args.routers), ("cells", args.cells))}
+    command = f"mpirouter ladder --out {args.out}" + "".join(f" --{k} {','.join(v)}" for k, v in names.items() if v) + (" --partial" if args.partial else "")
+    print(f"ladder: {write_ladder(args.out, command, names['rungs'], args.partial, names['routers'], names['cells'])}")
     return 0
