@@ -137,3 +137,18 @@ def cuda_set_device_stops(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     return calls
+
+
+# ----------------------------------------------------------------------------- test order
+
+SLOW_FIRST = ("tests/trainer/test_distributed.py", "tests/integrations/megatron/test_megatron_ep.py",
+              "tests/integrations/titan/test_titan_trainer.py", "tests/integrations/titan/test_titan_ep.py",
+              "tests/trainer/test_dist_errors.py", "tests/parallel/test_wrap.py", "tests/parallel/test_gpu_paths.py")
+"""The files that take longest (`make test` prints the slowest tests), started first: `make test` hands whole
+files to its workers in collection order, and a long file collected last would run alone at the end."""
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOW_FIRST)}
+    root = Path(str(config.rootpath))
+    items.sort(key=lambda item: rank.get(Path(str(item.path)).relative_to(root).as_posix(), len(rank)))  # stable: the rest keep their order

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mpirouter.cli import main
 from mpirouter.common.config import to_dict
 from mpirouter.core.model import MoELM, preset_config
 from mpirouter.experiments.compare import CompareConfig, grid_runs
@@ -227,21 +228,29 @@ def test_ladder_refuses_two_runs_of_one_seed(tmp_path):
         build_ladder(tmp_path)
 
 
-def test_ladder_cli_names_the_problem_in_one_line(tmp_path):
+def ladder_cli(argv, capsys):
+    """(exit code, stderr) of `mpirouter ladder ARGV` in this process (the console entry point's own path is the last check below)."""
+    try:
+        code = main(["ladder", *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_ladder_cli_names_the_problem_in_one_line(tmp_path, capsys):
     ladder_folder(tmp_path)
     (tmp_path / JSON).write_text('{"ladder": "mine"}')  # a file merely naming the key is not ours
-    result = subprocess.run([sys.executable, "-m", "mpirouter", "ladder", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "was not written by mpirouter ladder" in result.stderr.strip().splitlines()[-1]
-    result = subprocess.run([sys.executable, "-m", "mpirouter", "ladder", "--out", str(tmp_path / "none")], capture_output=True, text=True)
-    assert result.returncode == 2 and "is not a folder" in result.stderr
+    code, err = ladder_cli(["--out", str(tmp_path)], capsys)
+    assert code == 2 and "was not written by mpirouter ladder" in err.strip().splitlines()[-1]
+    code, err = ladder_cli(["--out", str(tmp_path / "none")], capsys)
+    assert code == 2 and "is not a folder" in err
     (tmp_path / JSON).unlink()
-    ladder = [sys.executable, "-m", "mpirouter", "ladder", "--out", str(tmp_path), "--rungs", "small-rung, mid-rung,big-rung,top-rung",
-              "--routers", "linear,mpi", "--cells", "bias,aux"]
-    result = subprocess.run(ladder, capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "is incomplete (rung top-rung has no finished runs)" in result.stderr.strip().splitlines()[-1]
-    result = subprocess.run([*ladder, "--partial"], capture_output=True, text=True)
+    plan = ["--out", str(tmp_path), "--rungs", "small-rung, mid-rung,big-rung,top-rung", "--routers", "linear,mpi", "--cells", "bias,aux"]
+    code, err = ladder_cli(plan, capsys)
+    assert code == 2 and "is incomplete (rung top-rung has no finished runs)" in err.strip().splitlines()[-1]
+    result = subprocess.run([sys.executable, "-m", "mpirouter", "ladder", *plan, "--partial"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     text = (tmp_path / MD).read_text()
     assert "**Interim report" in text and "--rungs small-rung,mid-rung,big-rung,top-rung --routers linear,mpi --cells bias,aux --partial" in text
