@@ -12,8 +12,9 @@ comparison of one Holm family (results/ladder/PLAN.md). Writes ladder.md, ladder
 into --out; those three are replaced only when this command wrote them.
 
 The report is the plan's only when the ladder is complete: every run each rung's compare calls asked for
-(their `sessions/*.json`) finished or diverged, and every rung named by --rungs present. Otherwise it
-refuses, naming what is missing, unless --partial asks for an interim report, marked as one.
+(their `sessions/*.json`) finished or diverged, paired with linear, every rung named by --rungs present,
+and on each every --routers router in every --cells cell (a call that never started leaves no session).
+Otherwise it refuses, naming what is missing, unless --partial asks for an interim report, marked as one.
 """
 
 from __future__ import annotations
