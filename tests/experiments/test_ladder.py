@@ -146,6 +146,14 @@ def test_a_rung_written_as_compare_writes_it_is_complete(tmp_path):
     assert all(r["seeds"] == [0, 1, 2] and r["diff"][0] == pytest.approx(0.01) for r in summary["rows"])
 
 
+def test_two_processes_of_one_grid_are_listed_once(tmp_path):
+    compare_rung(tmp_path, "debug")
+    sessions = tmp_path / "debug" / "confirm" / "sessions"
+    (sessions / "rank1.json").write_text((sessions / "linear-mpi.json").read_text())  # the grid's second process
+    summary = build_ladder(tmp_path, expect=["debug"], routers=["linear", "mpi"], cells=["bias", "aux"])
+    assert len(summary["runs"]["debug"]) == 1 and summary["runs"]["debug"][0].endswith("`mpirouter compare ...`")
+
+
 def test_ladder_refuses_an_incomplete_ladder_unless_partial(tmp_path):
     compare_rung(tmp_path, "debug", skip=("bias/mpi-C1/seed2",))  # stopped before its last step
     compare_rung(tmp_path, "tiny", routers=("linear",), cells=("bias",))  # mpi's call and the aux cell never started

@@ -247,7 +247,8 @@ def build_ladder(out: Path, expect: list[str] | None = None, partial: bool = Fal
     tested = [r for r in rows + fits if r["p"] is not None]
     for r, adj in zip(tested, holm([r["p"] for r in tested])):
         r["p_holm"] = adj
-    runs = {rung["rung"]: [describe(s) + f" · `{s['command']}`" for s in rung["sessions"]] for rung in rungs}
+    # The processes of one grid run the same compare command and each records its session: list it once.
+    runs = {rung["rung"]: list(dict.fromkeys(describe(s) + f" · `{s['command']}`" for s in rung["sessions"])) for rung in rungs}
     return {"ladder": [{k: rung[k] for k in ("rung", "preset", "n", "tokens", "missing")} for rung in rungs], "rows": rows, "trends": fits,
             "comparisons": len(tested), "incomplete": gaps, "left_out": ignored, "runs": runs}
 
@@ -318,20 +319,25 @@ def plot_ladder(summary: dict, path: Path) -> bool:
         return False
     cells = sorted({r["cell"] for r in summary["rows"]})
     fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4), squeeze=False, sharey=True)
+    routers = sorted({r["router"] for r in summary["rows"]})  # one colour per router in every panel
     for ax, cell in zip(axes[0], cells):
-        for i, router in enumerate(sorted({r["router"] for r in summary["rows"] if r["cell"] == cell})):
+        for i, router in enumerate(routers):
             pts = [r for r in summary["rows"] if r["cell"] == cell and r["router"] == router and r["diff"] is not None]
+            if not pts:
+                continue
+            color = f"C{i}"
             xs = [r["n"] * (1.04 ** i) for r in pts]  # nudged apart so the intervals do not overlap
             ys = [r["diff"][0] for r in pts]
             err = [[r["diff"][0] - r["diff"][1] for r in pts], [r["diff"][2] - r["diff"][0] for r in pts]]
-            ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=router)
+            ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, color=color, label=router)
             for t in (t for t in summary["trends"] if t["cell"] == cell and t["router"] == router):
                 lo, hi = min(r["n"] for r in pts), max(r["n"] for r in pts)
-                ax.plot([lo, hi], [t["intercept"] + t["slope"] * math.log10(v) for v in (lo, hi)], "--", color=ax.lines[-1].get_color() if ax.lines else None)
+                ax.plot([lo, hi], [t["intercept"] + t["slope"] * math.log10(v) for v in (lo, hi)], "--", color=color)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set(title=f"balance={cell}", xlabel="active non-embedding parameters N", ylabel="Δ val loss vs linear (95% CI)")
         ax.legend(fontsize=8)
+    fig.tight_layout()  # else the x labels fall off the bottom edge
     save_figure(fig, path)
     return True
 
